@@ -1,0 +1,228 @@
+"""The local backend: the same stage programs the containers run, as subprocesses, in order.
+
+Each run lives in the store under `runs/<run-id>/`: `run.json` (what was submitted), `recipe.yaml` (the
+resolved recipe every stage reads), `state.json` (per-stage state and timings), `logs/<stage>.log`, and one
+directory per stage whose `manifest.json` marks it complete.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import datetime, timezone
+from typing import IO, Any
+
+from . import __version__
+from .datacheck import peek_local_file
+from .errors import ConfigError, TunectlError
+from .recipe import Recipe
+from .refs import resolve
+from .runid import new_run_id
+from .store import LocalStore
+
+STAGES = ("train", "merge", "gguf")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def stages_for(recipe: Recipe) -> list[str]:
+    e = recipe.export
+    stages = ["train"]
+    if e.lora or e.merged_16bit or e.merged_4bit or e.gguf:
+        stages.append("merge")
+    if e.gguf:
+        stages.append("gguf")
+    return stages
+
+
+def preflight(recipe: Recipe) -> None:
+    """Everything that can be checked without torch, before a run exists (bad input never leaves a run)."""
+    model = resolve(recipe.model.name, "model")
+    if model.path is not None and model.path.is_dir() and not (model.path / "config.json").is_file():
+        raise ConfigError(f"model {recipe.model.name}: {model.path} has no config.json (not a model directory)")
+    if recipe.model.merge_base:
+        resolve(recipe.model.merge_base, "model.merge_base")
+    data = resolve(recipe.data.source, "data set")
+    if data.path is not None:
+        if not data.path.is_file():
+            raise ConfigError(f"data set {recipe.data.source}: {data.path} is not a file")
+        peek_local_file(data.path, recipe.data, recipe.data.source)
+    if recipe.export.gguf:
+        from tunectl_jobs import llamacpp  # light: no torch at import
+
+        llamacpp.converter()
+
+
+class StageFailed(TunectlError):
+    pass
+
+
+class LocalBackend:
+    def __init__(self, store: LocalStore):
+        self.store = store
+
+    # -- records
+    def _state(self, run: str) -> dict[str, Any]:
+        return self.store.read_json(f"runs/{run}/state.json") or {}
+
+    def _save_state(self, run: str, state: dict[str, Any]) -> None:
+        self.store.write_json(f"runs/{run}/state.json", state)
+
+    def run_record(self, run: str) -> dict[str, Any]:
+        doc = self.store.read_json(f"runs/{run}/run.json")
+        if doc is None:
+            known = self.store.list_runs()
+            hint = f"; known runs: {', '.join(known[-5:])}" if known else "; no runs yet"
+            raise TunectlError(f"no run '{run}' in {self.store.uri}{hint}")
+        return doc
+
+    # -- submit
+    def create(self, recipe: Recipe) -> str:
+        preflight(recipe)
+        run = new_run_id(recipe.name)
+        stages = stages_for(recipe)
+        self.store.write_text(f"runs/{run}/recipe.yaml", recipe.to_yaml())
+        self._save_state(run, {s: {"state": "pending"} for s in stages})
+        self.store.write_json(
+            f"runs/{run}/run.json",
+            {
+                "run": run,
+                "recipe": recipe.name,
+                "backend": "local",
+                "created": now(),
+                "stages": stages,
+                "store": self.store.uri,
+                "tunectl": __version__,
+            },
+        )
+        return run
+
+    def execute(self, run: str, echo: IO[str] | None = None) -> None:
+        """Run every pending stage in order; the first failure stops the run and skips the rest."""
+        stages = self.run_record(run)["stages"]
+        state = self._state(run)
+        for i, stage in enumerate(stages):
+            if self.store.manifest(run, stage) is not None and state.get(stage, {}).get("state") == "succeeded":
+                continue
+            state[stage] = {"state": "running", "started": now(), "pid": os.getpid()}
+            self._save_state(run, state)
+            try:
+                rc, error = self._run_stage(run, stage, echo)
+            except KeyboardInterrupt:
+                state[stage].update(state="cancelled", finished=now())
+                self._skip(run, state, stages[i + 1 :])
+                raise
+            state[stage].update(finished=now(), exit_code=rc)
+            if rc == 0 and self.store.manifest(run, stage) is not None:
+                state[stage]["state"] = "succeeded"
+                self._save_state(run, state)
+                continue
+            state[stage].update(state="failed", error=error or f"exit code {rc}")
+            self._skip(run, state, stages[i + 1 :])
+            raise StageFailed(
+                f"stage {stage} of run {run} failed: {error or f'exit code {rc}'} "
+                f"(full log: tunectl logs {run} --stage {stage})"
+            )
+
+    def _skip(self, run: str, state: dict[str, Any], rest: list[str]) -> None:
+        for s in rest:
+            state[s] = {"state": "skipped", "reason": "an upstream stage did not succeed"}
+        self._save_state(run, state)
+
+    def _run_stage(self, run: str, stage: str, echo: IO[str] | None) -> tuple[int, str | None]:
+        log_path = self.store.root / "runs" / run / "logs" / f"{stage}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            f"tunectl_jobs.{stage}",
+            "--recipe",
+            str(self.store.root / "runs" / run / "recipe.yaml"),
+            "--store",
+            self.store.uri,
+            "--run",
+            run,
+        ]
+        env = {
+            **os.environ,
+            "PYTHONUNBUFFERED": "1",
+            "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_DISABLE_TELEMETRY": "1",
+        }
+        error: str | None = None
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            assert proc.stdout is not None
+            pending = b""
+            while chunk := proc.stdout.read1(65536):
+                log.write(chunk)
+                log.flush()
+                if echo is not None:
+                    echo.write(chunk.decode("utf-8", "replace"))
+                    echo.flush()
+                pending = (pending + chunk)[-8192:]
+            rc = proc.wait()
+        for line in reversed(pending.decode("utf-8", "replace").splitlines()):
+            if line.startswith("error: "):
+                error = line[len("error: ") :]
+                break
+        if rc != 0 and error is None:
+            tail = [ln for ln in pending.decode("utf-8", "replace").splitlines() if ln.strip()]
+            error = tail[-1].strip() if tail else None
+        return rc, error
+
+    # -- inspect
+    def status(self, run: str) -> dict[str, Any]:
+        record = self.run_record(run)
+        state = self._state(run)
+        stages = []
+        for stage in record["stages"]:
+            s = dict(state.get(stage, {"state": "pending"}))
+            if s.get("state") == "running" and not _alive(s.get("pid")):
+                s["state"] = "interrupted"
+            manifest = self.store.manifest(run, stage)
+            if manifest:
+                s["seconds"] = manifest["timings"]["seconds"]
+                s["metrics"] = manifest.get("metrics", {})
+                s["notes"] = manifest.get("notes", [])
+                s["files"] = len(manifest["files"])
+            s.pop("pid", None)
+            stages.append({"stage": stage, **s})
+        states = [s["state"] for s in stages]
+        overall = (
+            "succeeded"
+            if all(x == "succeeded" for x in states)
+            else "failed"
+            if "failed" in states
+            else "running"
+            if "running" in states
+            else next((x for x in states if x in ("cancelled", "interrupted")), "pending")
+        )
+        return {**record, "state": overall, "stages": stages, "path": str(self.store.run_dir(run))}
+
+    def logs(self, run: str, stage: str | None) -> list[tuple[str, str]]:
+        record = self.run_record(run)
+        stages = record["stages"]
+        if stage is not None and stage not in stages:
+            raise TunectlError(f"run {run} has no stage '{stage}' (stages: {', '.join(stages)})")
+        out = []
+        for s in [stage] if stage else stages:
+            path = self.store.root / "runs" / run / "logs" / f"{s}.log"
+            if path.is_file():
+                out.append((s, path.read_text(encoding="utf-8", errors="replace")))
+        return out
+
+
+def _alive(pid: int | None) -> bool:
+    if not pid:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

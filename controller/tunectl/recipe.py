@@ -1,0 +1,315 @@
+"""Recipes: what to fine-tune, on which data, with which hyperparameters, and what to export.
+
+A recipe is YAML validated by the schema below. Unknown keys are errors that name the key, so a typo can
+never silently fall back to a default. A recipe may `extends:` another (built-in name or file) and
+override only what differs; `--set a.b=value` overrides any field after that.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from .errors import ConfigError
+
+# The Alpaca prompt (instruction / input / response). The response slot is last so the text before it
+# is exactly the prompt a served model sees.
+ALPACA_TEMPLATE = (
+    "Below is an instruction that describes a task, paired with an input that provides further context. "
+    "Write a response that appropriately completes the request.\n\n"
+    "### Instruction:\n{instruction}\n\n"
+    "### Input:\n{input}\n\n"
+    "### Response:\n{output}"
+)
+
+GGUF_TYPES = (
+    "f16",
+    "bf16",
+    "f32",
+    "q8_0",
+    "q4_0",
+    "q4_1",
+    "q5_0",
+    "q5_1",
+    "q4_k_m",
+    "q4_k_s",
+    "q5_k_m",
+    "q5_k_s",
+    "q6_k",
+    "q3_k_m",
+    "q2_k",
+)
+OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fused", "adafactor", "sgd")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelSpec(_Strict):
+    name: str = Field(description="Hub id, local directory, local .gguf file, or package:<module>/<file>")
+    max_seq_length: int = Field(2048, gt=0)
+    load_in_4bit: bool = Field(True, description="QLoRA: load the base in 4-bit (needs CUDA)")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
+    merge_base: str | None = Field(
+        None, description="16-bit weights the adapter is merged onto; default: name without its -bnb-4bit suffix"
+    )
+
+    def merge_base_name(self) -> str:
+        if self.merge_base:
+            return self.merge_base
+        return self.name[: -len("-bnb-4bit")] if self.name.endswith("-bnb-4bit") else self.name
+
+
+class Columns(_Strict):
+    instruction: str = "instruction"
+    input: str = "input"
+    output: str = "output"
+
+
+class DataSpec(_Strict):
+    source: str = Field(description="Hub data set id, or a local .json/.jsonl/.parquet/.csv file")
+    split: str = "train"
+    format: Literal["alpaca"] = "alpaca"
+    prompt_template: str = ALPACA_TEMPLATE
+    columns: Columns = Columns()
+    add_eos: bool = Field(True, description="append the EOS token so the model learns to stop")
+    max_rows: int | None = Field(None, gt=0)
+
+    @field_validator("prompt_template")
+    @classmethod
+    def _template_slots(cls, v: str) -> str:
+        for slot in ("{instruction}", "{input}", "{output}"):
+            if slot not in v:
+                raise ValueError(f"must contain the placeholder {slot}")
+        if not v.endswith("{output}"):
+            raise ValueError("must end with {output}, so the text before it is the inference prompt")
+        return v
+
+
+class LoraSpec(_Strict):
+    r: int = Field(16, gt=0)
+    alpha: int = Field(16, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    bias: Literal["none", "all", "lora_only"] = "none"
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        min_length=1,
+    )
+    use_gradient_checkpointing: Union[Literal["unsloth"], bool] = "unsloth"  # noqa: UP007
+    random_state: int = 3407
+    use_rslora: bool = False
+    loftq_config: dict[str, Any] | None = None
+
+
+class TrainingSpec(_Strict):
+    per_device_train_batch_size: int = Field(1, gt=0)
+    gradient_accumulation_steps: int = Field(4, gt=0)
+    warmup_steps: int = Field(5, ge=0)
+    max_steps: int = Field(60, gt=0)
+    learning_rate: float = Field(2e-4, gt=0)
+    optim: Literal[OPTIMIZERS] = "adamw_8bit"  # type: ignore[valid-type]
+    weight_decay: float = Field(0.01, ge=0)
+    lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
+    seed: int = 3407
+    logging_steps: int = Field(1, gt=0)
+    packing: bool = False
+
+
+class ExportSpec(_Strict):
+    lora: bool = True
+    merged_16bit: bool = True
+    merged_4bit: bool = Field(False, description="lower fidelity than GGUF q4_k_m; only on request")
+    merge_onto_4bit: bool = Field(False, description="allow merging onto a 4-bit base's de-quantized weights")
+    gguf: list[Literal[GGUF_TYPES]] = Field(default_factory=lambda: ["q4_k_m", "q8_0", "f16"])  # type: ignore[valid-type]
+
+    @model_validator(mode="after")
+    def _gguf_needs_merged(self) -> ExportSpec:
+        if self.gguf and not self.merged_16bit:
+            raise ValueError("gguf export converts the merged 16-bit model: set merged_16bit: true or gguf: []")
+        return self
+
+
+class TestPrompt(_Strict):
+    instruction: str
+    input: str = ""
+    max_new_tokens: int = Field(128, gt=0)
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=40)
+    description: str = ""
+    model: ModelSpec
+    data: DataSpec
+    lora: LoraSpec = LoraSpec()
+    training: TrainingSpec = TrainingSpec()
+    export: ExportSpec = ExportSpec()
+    test_prompts: list[TestPrompt] = Field(default_factory=list)
+
+    def prompt_for(self, instruction: str, input: str = "") -> str:
+        """The inference prompt: the training template with an empty response."""
+        return self.data.prompt_template.format(instruction=instruction, input=input, output="")
+
+    def to_yaml(self) -> str:
+        return yaml.dump(self.model_dump(mode="json"), Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=110)
+
+
+class _Dumper(yaml.SafeDumper):
+    """Multi-line strings (the prompt template) as literal blocks, so they read as they are."""
+
+
+_Dumper.add_representer(
+    str,
+    lambda d, s: d.represent_scalar("tag:yaml.org,2002:str", s, style="|" if "\n" in s else None),
+)
+
+
+# --- loading -----------------------------------------------------------------------------------------
+
+
+def builtin_dir() -> Path:
+    return Path(str(resources.files("tunectl") / "recipes"))
+
+
+def builtin_names() -> list[str]:
+    return sorted(p.stem for p in builtin_dir().glob("*.yaml"))
+
+
+def _locate(ref: str) -> Path:
+    path = Path(ref).expanduser()
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"recipe file {ref} does not exist")
+        return path
+    builtin = builtin_dir() / f"{ref}.yaml"
+    if builtin.is_file():
+        return builtin
+    raise ConfigError(
+        f"unknown recipe '{ref}': built-in recipes are {', '.join(builtin_names())}, or pass a path to a YAML file"
+    )
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: a recipe must be a YAML mapping")
+    return doc
+
+
+def _deep_merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _raw(ref: str, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    path = _locate(ref).resolve()
+    if path in seen:
+        raise ConfigError(f"recipe {path} extends itself (cycle through {', '.join(map(str, seen))})")
+    doc = _read_yaml(path)
+    parent = doc.pop("extends", None)
+    if parent is None:
+        return doc
+    # A relative parent path is relative to the file that names it.
+    parent_ref = str(parent)
+    if (path.parent / parent_ref).is_file():
+        parent_ref = str(path.parent / parent_ref)
+    base = _raw(parent_ref, seen + (path,))
+    base.pop("name", None)
+    base.pop("description", None)
+    return _deep_merge(base, doc)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """`a.b.c=value` -> (["a","b","c"], parsed value). Values are YAML scalars or flow lists."""
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item}: expected KEY=VALUE, for example --set training.max_steps=30")
+    try:
+        value = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError:
+        value = text
+    return [p for p in key.strip().split(".")], value
+
+
+def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    doc = _deep_merge(doc, {})
+    for item in overrides:
+        path, value = parse_override(item)
+        node = doc
+        for part in path[:-1]:
+            child = node.get(part)
+            if not isinstance(child, dict):
+                child = {} if child is None else child
+                if not isinstance(child, dict):
+                    raise ConfigError(f"--set {item}: '{part}' is not a section")
+                node[part] = child
+            node = child
+        node[path[-1]] = value
+    return doc
+
+
+def _field_names(loc: tuple[Any, ...]) -> list[str]:
+    """The valid field names at the model that holds `loc`'s last element."""
+    model: Any = Recipe
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        ann = field.annotation
+        inner = getattr(ann, "__args__", (ann,))
+        nxt = next((a for a in (ann, *inner) if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if nxt is None:
+            return []
+        model = nxt
+    return list(model.model_fields)
+
+
+def _explain(e: ValidationError, source: str) -> str:
+    err = e.errors()[0]
+    loc = tuple(err["loc"])
+    where = ".".join(str(p) for p in loc) or "(top level)"
+    if err["type"] == "extra_forbidden":
+        known = _field_names(loc)
+        hint = difflib.get_close_matches(str(loc[-1]), known, n=1)
+        tail = f"; did you mean '{hint[0]}'?" if hint else (f"; valid keys: {', '.join(known)}" if known else "")
+        msg = f"unknown key '{where}'{tail}"
+    elif err["type"] == "missing":
+        msg = f"'{where}' is required"
+    else:
+        got = err.get("input")
+        shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
+        msg = f"'{where}': {err['msg'][0].lower()}{err['msg'][1:]}{shown}"
+    more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
+    return f"recipe {source}: {msg}{more}"
+
+
+def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
+    """Resolve a built-in name or a YAML path, apply --set overrides, validate."""
+    doc = apply_overrides(_raw(ref), overrides or [])
+    try:
+        return Recipe.model_validate(doc)
+    except ValidationError as e:
+        raise ConfigError(_explain(e, ref)) from None
+
+
+def recipe_from_file(path: str | Path) -> Recipe:
+    """A resolved recipe as written by `tunectl` for a stage (no extends, no overrides)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"recipe file {p} does not exist")
+    try:
+        return Recipe.model_validate(_read_yaml(p))
+    except ValidationError as e:
+        raise ConfigError(_explain(e, str(p))) from None

@@ -1,0 +1,20 @@
+"""Run ids: `<recipe>-<utc yyyymmdd-hhmmss>-<4 hex>`, a valid DNS-1123 label (<= 63 chars)."""
+
+from __future__ import annotations
+
+import re
+import secrets
+from datetime import datetime, timezone
+
+_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+
+
+def new_run_id(recipe_name: str, now: datetime | None = None) -> str:
+    now = now or datetime.now(timezone.utc)
+    stem = re.sub(r"[^a-z0-9-]+", "-", recipe_name.lower()).strip("-") or "run"
+    suffix = f"-{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+    return stem[: 63 - len(suffix)].rstrip("-") + suffix
+
+
+def is_run_id(s: str) -> bool:
+    return bool(_LABEL.match(s))

@@ -1,0 +1,165 @@
+"""The artifact store: where stages hand their outputs to each other.
+
+Layout, the same for every backend: `runs/<run-id>/<stage>/<files...>` plus `runs/<run-id>/<stage>/manifest.json`.
+The manifest is written LAST and lists every file with its sha256 and size: a stage without a manifest is
+not done, and a consumer refuses files whose checksums differ from it.
+
+`LocalStore` is a directory. Other stores (S3) implement the same methods.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from .errors import ArtifactError, ConfigError
+
+MANIFEST = "manifest.json"
+MANIFEST_SCHEMA = "tunectl.dev/manifest/v1"
+_CHUNK = 1 << 20
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def safe_key(key: str) -> str:
+    """Refuse keys that would escape their prefix (`..`, absolute paths)."""
+    parts = key.replace("\\", "/").split("/")
+    if key.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ArtifactError(f"refusing unsafe artifact key '{key}'")
+    return "/".join(parts)
+
+
+@dataclass(frozen=True)
+class StageArtifacts:
+    """A completed, verified stage: its files are under `path`."""
+
+    run: str
+    stage: str
+    path: Path
+    manifest: dict[str, Any]
+
+    def file(self, rel: str) -> Path:
+        return self.path / safe_key(rel)
+
+
+class LocalStore:
+    """A store in a local directory (the local backend's default)."""
+
+    def __init__(self, root: Path):
+        self.root = root.expanduser().resolve()
+
+    @property
+    def uri(self) -> str:
+        return self.root.as_uri()
+
+    def __repr__(self) -> str:
+        return f"LocalStore({self.root})"
+
+    # -- paths
+    def run_dir(self, run: str) -> Path:
+        return self.root / "runs" / safe_key(run)
+
+    def stage_dir(self, run: str, stage: str) -> Path:
+        return self.run_dir(run) / safe_key(stage)
+
+    def scratch_dir(self, run: str, stage: str) -> Path:
+        """Where a stage writes before publishing; on the store's filesystem so publishing can hard-link."""
+        d = self.run_dir(run) / ".scratch" / safe_key(stage)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    # -- small documents (run record, state)
+    def write_json(self, key: str, doc: dict[str, Any]) -> None:
+        path = self.root / safe_key(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)  # readers never see a half-written document
+
+    def read_json(self, key: str) -> dict[str, Any] | None:
+        path = self.root / safe_key(key)
+        if not path.is_file():
+            return None
+        return json.loads(path.read_text(encoding="utf-8"))
+
+    def write_text(self, key: str, text: str) -> Path:
+        path = self.root / safe_key(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+        return path
+
+    def list_runs(self) -> list[str]:
+        base = self.root / "runs"
+        if not base.is_dir():
+            return []
+        return sorted(p.name for p in base.iterdir() if (p / "run.json").is_file())
+
+    # -- stage handoff
+    def manifest(self, run: str, stage: str) -> dict[str, Any] | None:
+        return self.read_json(f"runs/{run}/{stage}/{MANIFEST}")
+
+    def publish(self, run: str, stage: str, src: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Move `src`'s files into the stage's place, then write the manifest (the commit point)."""
+        dest = self.stage_dir(run, stage)
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / MANIFEST).unlink(missing_ok=True)  # a re-run is incomplete until its manifest lands
+        files: dict[str, dict[str, Any]] = {}
+        for path in sorted(p for p in src.rglob("*") if p.is_file()):
+            rel = path.relative_to(src).as_posix()
+            if rel == MANIFEST:
+                continue
+            target = dest / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.unlink(missing_ok=True)
+            try:
+                os.link(path, target)
+            except OSError:
+                shutil.copy2(path, target)
+            files[rel] = {"sha256": sha256_file(target), "size": target.stat().st_size}
+        doc = {"schema": MANIFEST_SCHEMA, "run": run, "stage": stage, **manifest, "files": files}
+        self.write_json(f"runs/{run}/{stage}/{MANIFEST}", doc)
+        return doc
+
+    def fetch(self, run: str, stage: str) -> StageArtifacts:
+        """A completed stage's files, every checksum verified against its manifest."""
+        doc = self.manifest(run, stage)
+        if doc is None:
+            raise ArtifactError(f"stage '{stage}' of run {run} has no manifest in {self.uri}: it has not completed")
+        base = self.stage_dir(run, stage)
+        for rel, meta in doc.get("files", {}).items():
+            path = base / safe_key(rel)
+            if not path.is_file():
+                raise ArtifactError(f"run {run} stage {stage}: {rel} is listed in the manifest but missing")
+            if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
+                raise ArtifactError(
+                    f"run {run} stage {stage}: {rel} does not match its manifest checksum (corrupted); re-run the stage"
+                )
+        return StageArtifacts(run, stage, base, doc)
+
+
+def default_store_uri() -> str:
+    env = os.environ.get("TUNECTL_STORE")
+    if env:
+        return env
+    data_home = Path(os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share")
+    return str(data_home / "tunectl")
+
+
+def open_store(uri: str | None = None) -> LocalStore:
+    uri = uri or default_store_uri()
+    parsed = urlparse(uri)
+    if parsed.scheme in ("", "file"):
+        return LocalStore(Path(parsed.path if parsed.scheme else uri))
+    raise ConfigError(f"store {uri}: unsupported scheme '{parsed.scheme}' (use a directory or file:// URI)")

@@ -1,0 +1,144 @@
+"""What every stage program shares: arguments, logging, exit codes, timings and the manifest."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import logging
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from tunectl import __version__
+from tunectl.errors import EXIT_CONFIG_ERROR, EXIT_FAILURE, ArtifactError, ConfigError, TunectlError
+from tunectl.recipe import Recipe, recipe_from_file
+from tunectl.store import LocalStore, open_store
+
+log = logging.getLogger("tunectl")
+
+
+def _utcnow() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class StageContext:
+    """One stage's run: recipe, store, a scratch directory for outputs, and what goes in its manifest."""
+
+    name: str
+    recipe: Recipe
+    store: LocalStore
+    run: str
+    out: Path
+    started: str = field(default_factory=_utcnow)
+    phases: dict[str, float] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    inputs: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    _t0: float = field(default_factory=time.monotonic)
+
+    def phase(self, name: str) -> _Phase:
+        """`with ctx.phase("load"):` times a step and logs its start and end."""
+        return _Phase(self, name)
+
+    def note(self, message: str) -> None:
+        """A deviation from the recipe the user should know about (also recorded in the manifest)."""
+        log.warning(message)
+        self.notes.append(message)
+
+    def publish(self) -> dict[str, Any]:
+        manifest = {
+            "inputs": self.inputs,
+            "versions": versions(),
+            "timings": {
+                "started": self.started,
+                "finished": _utcnow(),
+                "seconds": round(time.monotonic() - self._t0, 3),
+                "phases": {k: round(v, 3) for k, v in self.phases.items()},
+            },
+            "metrics": self.metrics,
+            "notes": self.notes,
+            **self.extra,
+        }
+        doc = self.store.publish(self.run, self.name, self.out, manifest)
+        log.info("published %d files to %s/runs/%s/%s", len(doc["files"]), self.store.uri, self.run, self.name)
+        return doc
+
+
+class _Phase:
+    def __init__(self, ctx: StageContext, name: str):
+        self.ctx, self.name = ctx, name
+
+    def __enter__(self) -> None:
+        log.info("[%s] %s ...", self.ctx.name, self.name)
+        self.t = time.monotonic()
+
+    def __exit__(self, *exc: object) -> None:
+        dt = time.monotonic() - self.t
+        self.ctx.phases[self.name] = self.ctx.phases.get(self.name, 0.0) + dt
+        if exc[0] is None:
+            log.info("[%s] %s done in %.1fs", self.ctx.name, self.name, dt)
+
+
+def versions() -> dict[str, str]:
+    out = {"tunectl": __version__, "python": platform.python_version()}
+    for dist in (
+        "torch",
+        "transformers",
+        "peft",
+        "trl",
+        "datasets",
+        "accelerate",
+        "unsloth",
+        "bitsandbytes",
+        "llama-cpp-python",
+        "gguf",
+    ):
+        try:
+            out[dist] = importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def run_stage(name: str, body: Callable[[StageContext], None], argv: list[str] | None = None) -> int:
+    """Parse the common arguments, run `body`, publish; map failures to exit codes with one-line errors."""
+    parser = argparse.ArgumentParser(prog=f"python -m tunectl_jobs.{name}", description=f"tunectl {name} stage")
+    parser.add_argument(
+        "--recipe", default=os.environ.get("TUNECTL_RECIPE"), help="resolved recipe YAML (env TUNECTL_RECIPE)"
+    )
+    parser.add_argument(
+        "--store", default=os.environ.get("TUNECTL_STORE"), help="artifact store URI (env TUNECTL_STORE)"
+    )
+    parser.add_argument("--run", default=os.environ.get("TUNECTL_RUN"), help="run id (env TUNECTL_RUN)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
+    )
+    try:
+        missing = [f"--{k}" for k in ("recipe", "store", "run") if not getattr(args, k)]
+        if missing:
+            raise ConfigError(f"missing {', '.join(missing)} (or TUNECTL_RECIPE / TUNECTL_STORE / TUNECTL_RUN)")
+        recipe = recipe_from_file(args.recipe)
+        store = open_store(args.store)
+        out = store.scratch_dir(args.run, name)
+        ctx = StageContext(name=name, recipe=recipe, store=store, run=args.run, out=out)
+        body(ctx)
+        ctx.publish()
+        return 0
+    except (ConfigError, ArtifactError) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_CONFIG_ERROR
+    except TunectlError as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr, flush=True)
+        return 130

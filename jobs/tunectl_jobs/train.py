@@ -1,0 +1,262 @@
+"""The train stage: LoRA SFT on an Alpaca data set with TRL's SFTTrainer.
+
+With CUDA and Unsloth installed it uses Unsloth's FastLanguageModel (4-bit QLoRA as the recipe says);
+otherwise transformers + PEFT with the same hyperparameters, and every substitution a CPU forces is
+recorded in the manifest's `notes`.
+
+Outputs: `adapter/` (LoRA weights + tokenizer with the EOS contract applied), `loss.json`, `loss.png`,
+`generations.json` (test prompts before and after training).
+
+    python -m tunectl_jobs.train --recipe recipe.yaml --store DIR --run RUN_ID
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+from typing import Any
+
+from tunectl.errors import ConfigError
+from tunectl.recipe import Recipe
+
+from . import data, models
+from .stage import StageContext, run_stage
+
+log = logging.getLogger("tunectl")
+
+_DTYPES = {"bfloat16": "bfloat16", "float16": "float16", "float32": "float32"}
+
+
+def _use_unsloth() -> bool:
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("unsloth") is not None
+
+
+def _load_unsloth(ctx: StageContext, base: str) -> tuple[Any, Any]:
+    from unsloth import FastLanguageModel  # noqa: I001  (unsloth must be imported before transformers)
+    import torch
+
+    r = ctx.recipe
+    dtype = None if r.model.dtype == "auto" else getattr(torch, r.model.dtype)
+    model, tokenizer = FastLanguageModel.from_pretrained(
+        model_name=base,
+        max_seq_length=r.model.max_seq_length,
+        dtype=dtype,
+        load_in_4bit=r.model.load_in_4bit,
+    )
+    return model, tokenizer
+
+
+def _peft_unsloth(ctx: StageContext, model: Any) -> Any:
+    from unsloth import FastLanguageModel
+
+    lo = ctx.recipe.lora
+    return FastLanguageModel.get_peft_model(
+        model,
+        r=lo.r,
+        target_modules=lo.target_modules,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        bias=lo.bias,
+        use_gradient_checkpointing=lo.use_gradient_checkpointing,
+        random_state=lo.random_state,
+        use_rslora=lo.use_rslora,
+        loftq_config=lo.loftq_config,
+        max_seq_length=ctx.recipe.model.max_seq_length,
+    )
+
+
+def _load_hf(ctx: StageContext, base: str) -> tuple[Any, Any]:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    r = ctx.recipe
+    cuda = torch.cuda.is_available()
+    if r.model.load_in_4bit:
+        ctx.note("model.load_in_4bit ignored: 4-bit loading needs CUDA and bitsandbytes; training in full precision")
+    if cuda:
+        dtype = torch.bfloat16 if r.model.dtype == "auto" else getattr(torch, _DTYPES[r.model.dtype])
+    else:
+        dtype = torch.float32  # CPU kernels for 16-bit training are slow or missing
+        if r.model.dtype not in ("auto", "float32"):
+            ctx.note(f"model.dtype {r.model.dtype} replaced by float32 on CPU")
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map="cuda" if cuda else None)
+    return model, tokenizer
+
+
+def _peft_hf(ctx: StageContext, model: Any) -> Any:
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    lo = ctx.recipe.lora
+    if lo.loftq_config:
+        raise ConfigError("lora.loftq_config is only supported with Unsloth on a CUDA GPU")
+    if lo.use_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+        if lo.use_gradient_checkpointing == "unsloth":
+            ctx.note("lora.use_gradient_checkpointing 'unsloth' -> standard gradient checkpointing (no Unsloth)")
+    torch.manual_seed(lo.random_state)
+    config = LoraConfig(
+        r=lo.r,
+        lora_alpha=lo.alpha,
+        lora_dropout=lo.dropout,
+        bias=lo.bias,
+        target_modules=lo.target_modules,
+        use_rslora=lo.use_rslora,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, config)
+
+
+def _optimizer(ctx: StageContext, cuda: bool) -> str:
+    optim = ctx.recipe.training.optim
+    if not cuda and optim in ("adamw_8bit", "paged_adamw_8bit"):
+        ctx.note(f"training.optim {optim} -> adamw_torch: 8-bit optimizers need CUDA (same lr, betas, decay)")
+        return "adamw_torch"
+    return optim
+
+
+def _loss_plot(history: list[dict[str, Any]], path: Any, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".")
+    ax.set_xlabel("step")
+    ax.set_ylabel("training loss")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def train(ctx: StageContext) -> None:
+    r: Recipe = ctx.recipe
+    unsloth = _use_unsloth()
+    if unsloth:
+        import unsloth as _  # noqa: F401  (patches transformers/trl; must come before they are imported)
+    with ctx.phase("load data"):
+        ds = data.load(r.data)
+    with ctx.phase("load model"):
+        base = models.base_model_path(r.model.name)
+        model, tokenizer = (_load_unsloth if unsloth else _load_hf)(ctx, base)
+        import torch
+
+        cuda = torch.cuda.is_available()
+        contract = models.resolve_token_contract(tokenizer, model.config, getattr(model, "generation_config", None))
+        log.info(
+            "backend: %s on %s; EOS %r (id %d), pad %r",
+            "unsloth" if unsloth else "transformers+peft",
+            "cuda" if cuda else "cpu",
+            contract["eos_token"],
+            contract["eos_token_id"],
+            contract["pad_token"],
+        )
+    prompts = [(r.prompt_for(p.instruction, p.input), p.max_new_tokens) for p in r.test_prompts]
+    stop_ids = contract["stop_token_ids"]
+
+    if prompts:
+        with ctx.phase("generate before"):
+            if unsloth:
+                from unsloth import FastLanguageModel
+
+                FastLanguageModel.for_inference(model)
+            before = models.generate(model, tokenizer, prompts, stop_ids)
+    else:
+        before = []
+
+    with ctx.phase("prepare"):
+        model = (_peft_unsloth if unsloth else _peft_hf)(ctx, model)
+        text_ds = data.format_alpaca(ds, r.data, contract["eos_token"])
+        from trl import SFTConfig, SFTTrainer
+
+        t = r.training
+        bf16 = cuda and torch.cuda.is_bf16_supported() and r.model.dtype in ("auto", "bfloat16")
+        args = SFTConfig(
+            output_dir=str(ctx.out / ".trainer"),
+            per_device_train_batch_size=t.per_device_train_batch_size,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            warmup_steps=t.warmup_steps,
+            max_steps=t.max_steps,
+            learning_rate=t.learning_rate,
+            optim=_optimizer(ctx, cuda),
+            weight_decay=t.weight_decay,
+            lr_scheduler_type=t.lr_scheduler_type,
+            seed=t.seed,
+            logging_steps=t.logging_steps,
+            bf16=bf16,
+            fp16=cuda and not bf16,
+            max_length=r.model.max_seq_length,
+            packing=t.packing,
+            dataset_text_field="text",
+            report_to="none",
+            save_strategy="no",
+            disable_tqdm=False,
+        )
+        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_ds, args=args)
+
+    with ctx.phase("train"):
+        if unsloth:
+            from unsloth import FastLanguageModel
+
+            FastLanguageModel.for_training(model)
+        result = trainer.train()
+    history = [
+        {"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate"), "grad_norm": h.get("grad_norm")}
+        for h in trainer.state.log_history
+        if "loss" in h
+    ]
+
+    if prompts:
+        with ctx.phase("generate after"):
+            if unsloth:
+                from unsloth import FastLanguageModel
+
+                FastLanguageModel.for_inference(model)
+            model.eval()
+            after = models.generate(model, tokenizer, prompts, stop_ids)
+    else:
+        after = []
+
+    with ctx.phase("save"):
+        adapter = ctx.out / "adapter"
+        model.save_pretrained(adapter)
+        tokenizer.save_pretrained(adapter)
+        (ctx.out / "loss.json").write_text(json.dumps(history, indent=1) + "\n")
+        _loss_plot(history, ctx.out / "loss.png", f"{r.name}: {len(history)} logged steps")
+        gens = [{"stage": "before", **g} for g in before] + [{"stage": "after", **g} for g in after]
+        (ctx.out / "generations.json").write_text(json.dumps(gens, indent=1, ensure_ascii=False) + "\n")
+        import shutil
+
+        shutil.rmtree(ctx.out / ".trainer", ignore_errors=True)
+
+    ctx.inputs = {"model": r.model.name, "resolved_model": base, "data": r.data.source, "rows": len(ds)}
+    ctx.metrics = {
+        "backend": "unsloth" if unsloth else "transformers+peft",
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "steps": int(result.global_step),
+        "first_loss": history[0]["loss"] if history else None,
+        "final_loss": history[-1]["loss"] if history else None,
+        "train_seconds": round(result.metrics.get("train_runtime", 0.0), 3),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "after_stopped_at_eos": all(g["stopped_at_eos"] for g in after) if after else None,
+    }
+    ctx.extra = {"contract": {**contract, "prompt_template": r.data.prompt_template, "base_model": base}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    return run_stage("train", train, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

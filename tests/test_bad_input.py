@@ -1,0 +1,124 @@
+"""Bad input gets one clear line, exit code 2, and no run is created (nothing that could look complete)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tunectl.errors import EXIT_CONFIG_ERROR
+
+
+def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == 2, proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    return lines[0]
+
+
+def _no_runs(store: Path) -> None:
+    assert not (store / "runs").exists() or not any((store / "runs").iterdir())
+
+
+def _jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("args", "expected"),
+    [
+        (["nope"], "unknown recipe 'nope': built-in recipes are ruozhiba, ruozhiba-tiny"),
+        (
+            ["ruozhiba-tiny", "--set", "training.max_stepz=3"],
+            "unknown key 'training.max_stepz'; did you mean 'max_steps'?",
+        ),
+        (
+            ["ruozhiba-tiny", "--set", "training.max_steps=many"],
+            "'training.max_steps': input should be a valid integer",
+        ),
+        (["ruozhiba-tiny", "--set", "model.name=./no/such/model"], "model ./no/such/model: path does not exist"),
+        (["ruozhiba-tiny", "--set", "data.source=./no/such.jsonl"], "data set ./no/such.jsonl: path does not exist"),
+    ],
+)
+def test_submit_rejects_bad_input(tunectl, store, args, expected):
+    proc = tunectl("submit", *args)
+    assert expected in _one_line_error(proc)
+    _no_runs(store)
+
+
+def test_data_without_output_column(tunectl, store, tmp_path):
+    data = _jsonl(tmp_path / "d.jsonl", [{"instruction": "问", "input": "", "answer": "答"}])
+    line = _one_line_error(tunectl("submit", "ruozhiba-tiny", "--set", f"data.source={data}"))
+    assert f"data set {data} has no 'output' column (found: answer, input, instruction)" in line
+    assert "--set data.columns.output=<column>" in line
+    _no_runs(store)
+
+
+def test_data_without_instruction_column(tunectl, store, tmp_path):
+    data = _jsonl(tmp_path / "d.jsonl", [{"question": "问", "output": "答"}])
+    assert "has no 'instruction' column" in _one_line_error(
+        tunectl("submit", "ruozhiba-tiny", "--set", f"data.source={data}")
+    )
+    _no_runs(store)
+
+
+def test_empty_data_set(tunectl, store, tmp_path):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("")
+    assert f"data set {data} has no rows" in _one_line_error(
+        tunectl("submit", "ruozhiba-tiny", "--set", f"data.source={data}")
+    )
+    _no_runs(store)
+
+
+def test_model_directory_without_config(tunectl, store, tmp_path):
+    (tmp_path / "m").mkdir()
+    line = _one_line_error(tunectl("submit", "ruozhiba-tiny", "--set", f"model.name={tmp_path / 'm'}"))
+    assert "has no config.json" in line
+    _no_runs(store)
+
+
+def test_status_of_unknown_run(tunectl):
+    proc = tunectl("status", "nope-20260101-000000-abcd")
+    assert proc.returncode == 1 and proc.stderr.strip() == (
+        f"error: no run 'nope-20260101-000000-abcd' in {proc.stderr.split(' in ')[1].split(';')[0]}; no runs yet"
+    )
+
+
+def test_train_stage_checks_its_own_input(tmp_path):
+    """The stage program, run as a container runs it, exits with the config-error code and publishes nothing."""
+    from tunectl.recipe import load_recipe
+    from tunectl.store import LocalStore
+
+    data = _jsonl(tmp_path / "d.parquet.jsonl", [{"instruction": "问", "input": ""}])
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(load_recipe("ruozhiba-tiny", [f"data.source={data}"]).to_yaml())
+    store = tmp_path / "store"
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunectl_jobs.train", "--recipe", str(recipe), "--store", str(store), "--run", "r1"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == EXIT_CONFIG_ERROR, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: data set {data} has no 'output' column")
+    assert LocalStore(store).manifest("r1", "train") is None
+
+
+def test_stage_program_without_arguments_is_a_config_error():
+    proc = subprocess.run(
+        [sys.executable, "-m", "tunectl_jobs.merge"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    assert proc.returncode == EXIT_CONFIG_ERROR
+    assert (
+        proc.stderr.strip()
+        == "error: missing --recipe, --store, --run (or TUNECTL_RECIPE / TUNECTL_STORE / TUNECTL_RUN)"
+    )

@@ -1,0 +1,79 @@
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pytest
+from tunectl.errors import ArtifactError
+from tunectl.runid import is_run_id, new_run_id
+from tunectl.store import LocalStore, safe_key, sha256_file
+
+
+def _stage_files(d: Path) -> None:
+    (d / "adapter").mkdir(parents=True)
+    (d / "adapter" / "weights.bin").write_bytes(b"\x00\x01" * 1000)
+    (d / "loss.json").write_text("[1.0]")
+
+
+def test_publish_writes_manifest_last_with_checksums(tmp_path: Path):
+    store = LocalStore(tmp_path / "s")
+    src = tmp_path / "out"
+    _stage_files(src)
+    assert store.manifest("r1", "train") is None
+    doc = store.publish("r1", "train", src, {"metrics": {"loss": 1.0}})
+    assert set(doc["files"]) == {"adapter/weights.bin", "loss.json"}
+    assert doc["files"]["loss.json"] == {"sha256": sha256_file(src / "loss.json"), "size": 5}
+    on_disk = json.loads((store.stage_dir("r1", "train") / "manifest.json").read_text())
+    assert on_disk == doc and doc["metrics"] == {"loss": 1.0}
+    got = store.fetch("r1", "train")
+    assert got.file("adapter/weights.bin").read_bytes() == b"\x00\x01" * 1000
+
+
+def test_consumer_refuses_missing_manifest_and_corruption(tmp_path: Path):
+    store = LocalStore(tmp_path / "s")
+    with pytest.raises(ArtifactError, match="has no manifest.*not completed"):
+        store.fetch("r1", "train")
+    src = tmp_path / "out"
+    _stage_files(src)
+    store.publish("r1", "train", src, {})
+    target = store.stage_dir("r1", "train") / "loss.json"
+    target.unlink()  # break the hard link before changing a byte
+    target.write_text("[2.0]")
+    with pytest.raises(ArtifactError, match="loss.json does not match its manifest checksum"):
+        store.fetch("r1", "train")
+    target.unlink()
+    with pytest.raises(ArtifactError, match="missing"):
+        store.fetch("r1", "train")
+
+
+def test_republish_removes_the_old_manifest_first(tmp_path: Path, monkeypatch):
+    store = LocalStore(tmp_path / "s")
+    src = tmp_path / "out"
+    _stage_files(src)
+    store.publish("r1", "train", src, {})
+    calls = []
+    real = store.write_json
+
+    def spy(key, doc):
+        calls.append((key, (store.stage_dir("r1", "train") / "manifest.json").exists()))
+        real(key, doc)
+
+    monkeypatch.setattr(store, "write_json", spy)
+    store.publish("r1", "train", src, {})
+    assert calls == [("runs/r1/train/manifest.json", False)]
+
+
+@pytest.mark.parametrize("key", ["../x", "/etc/passwd", "a/../../b", "a//b", "./a"])
+def test_unsafe_keys_are_refused(key):
+    with pytest.raises(ArtifactError, match="unsafe"):
+        safe_key(key)
+
+
+def test_run_ids_are_dns_labels():
+    t = datetime(2026, 11, 27, 20, 1, 2, tzinfo=timezone.utc)
+    rid = new_run_id("ruozhiba-tiny", t)
+    assert rid.startswith("ruozhiba-tiny-20261127-200102-") and is_run_id(rid)
+    long = new_run_id("x" * 80 + "_Weird.Name", t)
+    assert len(long) <= 63 and is_run_id(long)
+    assert new_run_id("ruozhiba", t) != new_run_id("ruozhiba", t)
