@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from tunectl.errors import EXIT_CONFIG_ERROR
 
 
@@ -122,3 +123,21 @@ def test_stage_program_without_arguments_is_a_config_error():
         proc.stderr.strip()
         == "error: missing --recipe, --store, --run (or TUNECTL_RECIPE / TUNECTL_STORE / TUNECTL_RUN)"
     )
+
+
+def test_failed_stage_fails_the_run_and_skips_the_rest(tunectl, store, tmp_path):
+    """Input only the stage can check (a corrupt Parquet file): the run is marked failed, nothing downstream runs."""
+    data = tmp_path / "broken.parquet"
+    data.write_bytes(b"PAR1 this is not parquet")
+    proc = tunectl("submit", "ruozhiba-tiny", "-q", "--set", f"data.source={data}")
+    assert proc.returncode == 1
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: stage train of run ruozhiba-tiny-") and f"failed: data set {data}: " in last
+    assert "not a parquet file" in last and "(full log: tunectl logs " in last
+    run = last.split(" of run ")[1].split()[0]
+    status = json.loads(tunectl("status", run, "-o", "json", check=True).stdout)
+    assert status["state"] == "failed"
+    states = {s["stage"]: s for s in status["stages"]}
+    assert states["train"]["state"] == "failed" and states["train"]["exit_code"] == EXIT_CONFIG_ERROR
+    assert states["merge"]["state"] == "skipped" and states["gguf"]["state"] == "skipped"
+    assert not any((store / "runs" / run / s / "manifest.json").exists() for s in ("train", "merge", "gguf"))

@@ -11,6 +11,7 @@ import json
 import re
 
 import pytest
+
 from tunectl.recipe import load_recipe
 
 pytestmark = pytest.mark.e2e

@@ -55,3 +55,4 @@ def test_unsloth_train_and_merge_write_manifests(tmp_path: Path):
     assert summary["train"]["metrics"]["backend"] == "unsloth" and summary["train"]["metrics"]["steps"] == 3
     assert "adapter/adapter_model.safetensors" in summary["train"]["files"]
     assert "merged-16bit/model.safetensors" in summary["merge"]["files"]
+    assert any(f.startswith("merged-4bit/") and f.endswith(".safetensors") for f in summary["merge"]["files"])

@@ -3,6 +3,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from tunectl.errors import ConfigError
 from tunectl.recipe import ALPACA_TEMPLATE, builtin_names, load_recipe
 

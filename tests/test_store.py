@@ -5,6 +5,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
+
 from tunectl.errors import ArtifactError
 from tunectl.runid import is_run_id, new_run_id
 from tunectl.store import LocalStore, safe_key, sha256_file

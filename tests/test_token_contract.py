@@ -10,6 +10,7 @@ pytest.importorskip("transformers")
 @pytest.fixture(scope="module")
 def smollm2():
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
     from tunectl.recipe import load_recipe
     from tunectl_jobs.models import base_model_path
 
@@ -32,6 +33,7 @@ def test_tokenizer_eos_is_corrected_to_the_models(smollm2):
 
 def test_alpaca_text_ends_with_the_eos_token(smollm2):
     import datasets
+
     from tunectl.recipe import load_recipe
     from tunectl_jobs.data import format_alpaca
     from tunectl_jobs.models import resolve_token_contract

@@ -143,6 +143,9 @@ def _print_status(s: dict[str, Any]) -> None:
     for st in s["stages"]:
         secs = f"{st['seconds']:.1f}" if "seconds" in st else "-"
         click.echo(f"{st['stage']:<7} {st['state']:<11} {secs:>8}  {_metric_summary(st)}")
+    for st in s["stages"]:
+        for note in st.get("notes") or []:
+            click.echo(f"note ({st['stage']}): {note}")
     click.echo(f"artifacts: {s['path']}")
 
 

@@ -183,6 +183,9 @@ class LocalBackend:
             s = dict(state.get(stage, {"state": "pending"}))
             if s.get("state") == "running" and not _alive(s.get("pid")):
                 s["state"] = "interrupted"
+            if "started" in s:
+                end = s.get("finished") or now()
+                s["seconds"] = round(_seconds_between(s["started"], end), 1)
             manifest = self.store.manifest(run, stage)
             if manifest:
                 s["seconds"] = manifest["timings"]["seconds"]
@@ -214,6 +217,10 @@ class LocalBackend:
             if path.is_file():
                 out.append((s, path.read_text(encoding="utf-8", errors="replace")))
         return out
+
+
+def _seconds_between(start: str, end: str) -> float:
+    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
 
 
 def _alive(pid: int | None) -> bool:

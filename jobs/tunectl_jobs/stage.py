@@ -7,6 +7,7 @@ import importlib.metadata
 import logging
 import os
 import platform
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -68,6 +69,7 @@ class StageContext:
             **self.extra,
         }
         doc = self.store.publish(self.run, self.name, self.out, manifest)
+        shutil.rmtree(self.out, ignore_errors=True)  # published; a failed stage keeps its scratch to inspect
         log.info("published %d files to %s/runs/%s/%s", len(doc["files"]), self.store.uri, self.run, self.name)
         return doc
 

@@ -64,6 +64,7 @@ def main() -> int:
             f"data.source={SAMPLE}",
             f"training.max_steps={args.steps}",
             "export.gguf=[]",
+            "export.merged_4bit=true",
         ],
     )
     recipe_file = args.work / "recipe.yaml"

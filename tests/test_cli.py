@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import yaml
+
+
+def test_help_and_recipe_commands_do_not_import_heavy_libraries():
+    code = (
+        "import sys; from click.testing import CliRunner; from tunectl.cli import cli; r = CliRunner();"
+        "assert r.invoke(cli, ['--help']).exit_code == 0; assert r.invoke(cli, ['recipes']).exit_code == 0;"
+        "heavy = [m for m in ('torch', 'transformers', 'datasets', 'trl', 'peft', 'llama_cpp') if m in sys.modules];"
+        "print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+
+
+def test_recipes_lists_and_shows_resolved(tunectl):
+    listing = tunectl("recipes", check=True).stdout
+    assert listing.splitlines()[0].startswith("ruozhiba ") and "ruozhiba-tiny" in listing
+    shown = yaml.safe_load(tunectl("recipes", "show", "ruozhiba-tiny", "--set", "lora.r=8", check=True).stdout)
+    assert shown["lora"]["r"] == 8 and shown["training"]["optim"] == "adamw_8bit"
+    assert shown["data"]["prompt_template"].endswith("### Response:\n{output}")
+
+
+def test_list_on_an_empty_store(tunectl, store):
+    assert tunectl("list", check=True).stdout.strip() == f"no runs in {store.resolve().as_uri()}"
+    assert tunectl("list", "-o", "json", check=True).stdout.strip() == "[]"
