@@ -51,6 +51,15 @@ def test_submit_rejects_bad_input(tunectl, store, args, expected):
     _no_runs(store)
 
 
+def test_merged_4bit_without_a_gpu_is_refused_before_training(tunectl, store):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    line = _one_line_error(tunectl("submit", "ruozhiba-tiny", "--set", "export.merged_4bit=true"))
+    assert "export.merged_4bit needs a CUDA GPU (bitsandbytes) and this machine has none" in line
+    _no_runs(store)
+
+
 def test_data_without_output_column(tunectl, store, tmp_path):
     data = _jsonl(tmp_path / "d.jsonl", [{"instruction": "问", "input": "", "answer": "答"}])
     line = _one_line_error(tunectl("submit", "ruozhiba-tiny", "--set", f"data.source={data}"))

@@ -40,7 +40,7 @@ def finished_run(tmp_path_factory):
 def test_status_shows_every_stage_succeeded_with_timings(finished_run, tunectl):
     store, run, submit = finished_run
     assert f"run {run} (ruozhiba-tiny, local): succeeded" in submit.stdout
-    status = json.loads(tunectl("status", run, "-o", "json", check=True).stdout)
+    status = json.loads(tunectl("--store", str(store), "status", run, "-o", "json", check=True).stdout)
     assert status["state"] == "succeeded"
     assert [s["stage"] for s in status["stages"]] == ["train", "merge", "gguf"]
     for s in status["stages"]:
@@ -48,11 +48,11 @@ def test_status_shows_every_stage_succeeded_with_timings(finished_run, tunectl):
     train = status["stages"][0]["metrics"]
     assert train["steps"] == load_recipe("ruozhiba-tiny").training.max_steps
     assert train["final_loss"] < train["first_loss"]
-    table = tunectl("status", run, check=True).stdout
+    table = tunectl("--store", str(store), "status", run, check=True).stdout
     assert re.search(r"^gguf\s+succeeded\s+\d+\.\d", table, re.M)
-    listed = json.loads(tunectl("list", "-o", "json", check=True).stdout)
+    listed = json.loads(tunectl("--store", str(store), "list", "-o", "json", check=True).stdout)
     assert [r["run"] for r in listed] == [run] and listed[0]["state"] == "succeeded"
-    assert "[train] train done" in tunectl("logs", run, "--stage", "train", check=True).stdout
+    assert "[train] train done" in tunectl("--store", str(store), "logs", run, "--stage", "train", check=True).stdout
 
 
 def test_every_stage_wrote_a_verified_manifest(finished_run):

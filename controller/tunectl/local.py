@@ -54,6 +54,11 @@ def preflight(recipe: Recipe) -> None:
         from tunectl_jobs import llamacpp  # light: no torch at import
 
         llamacpp.converter()
+    if recipe.export.merged_4bit:
+        import torch  # only for this option: the stages run on this machine, so its GPU decides
+
+        if not torch.cuda.is_available():
+            raise ConfigError("export.merged_4bit needs a CUDA GPU (bitsandbytes) and this machine has none")
 
 
 class StageFailed(TunectlError):
