@@ -5,8 +5,14 @@ CACHE  ?= $(HOME)/.cache/tunectl
 VENV   ?= $(CACHE)/venv
 STAMP  := $(VENV)/.deps-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
 BIN    := $(VENV)/bin
+# Go tools the tests run for real, built from their modules at pinned versions into a bin dir per version.
+TOOLS  ?= $(CACHE)/bin
+MINIO_VERSION := v0.0.0-20260212201848-7aac2a2c5b7c
+MC_VERSION    := v0.0.0-20250313080218-cf909e1063a9
+MINIO  := $(TOOLS)/minio-$(MINIO_VERSION)/minio
+MC     := $(TOOLS)/mc-$(MC_VERSION)/mc
 
-.PHONY: setup demo test lint clean-venv
+.PHONY: setup tools demo test lint bench-s3 clean-venv
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -19,13 +25,25 @@ $(STAMP):
 
 setup: $(STAMP)
 	@# Re-point the editable install at this checkout (cheap; a clone elsewhere may have taken it).
-	@$(BIN)/pip install -q --no-deps --no-build-isolation -e . >/dev/null
+	@$(BIN)/pip install -q --no-deps -e . >/dev/null
+
+$(MINIO):
+	GOBIN=$(dir $@) go install github.com/minio/minio@$(MINIO_VERSION)
+
+$(MC):
+	GOBIN=$(dir $@) go install github.com/minio/mc@$(MC_VERSION)
+
+tools: $(MINIO)
 
 demo: setup
 	$(BIN)/tunectl submit ruozhiba-tiny
 
-test: setup
+test: setup tools
 	$(BIN)/pytest
+
+# Push and pull 1 GiB through tunectl and through `mc cp` against the same local MinIO (a benchmark, not a test).
+bench-s3: setup tools $(MC)
+	$(BIN)/python benchmarks/s3_transfer.py --minio $(MINIO) --mc $(MC)
 
 lint: setup
 	$(BIN)/ruff check controller jobs tests

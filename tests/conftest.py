@@ -29,3 +29,34 @@ def tunectl(store: Path):
         return proc
 
     return run
+
+
+@pytest.fixture(scope="session")
+def minio(tmp_path_factory):
+    """One real MinIO for the session (tests take a bucket each)."""
+    from minio_server import MinioServer
+
+    server = MinioServer(tmp_path_factory.mktemp("minio") / "data")
+    server.start()
+    yield server
+    server.stop()
+
+
+def new_bucket(minio, hint: str) -> str:
+    import re
+    import secrets
+
+    name = re.sub(r"[^a-z0-9-]", "-", hint.lower())[:40].strip("-") + "-" + secrets.token_hex(3)
+    minio.client().create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def bucket(minio, request, monkeypatch) -> str:
+    """A fresh bucket, with the standard AWS variables pointing at the test MinIO."""
+
+    name = new_bucket(minio, request.node.name)
+    for k, v in minio.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TUNECTL_S3_CACHE", str(Path(request.getfixturevalue("tmp_path")) / "s3-cache"))
+    return name

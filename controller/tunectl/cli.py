@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+from pathlib import Path
 from typing import Any
 
 import click
@@ -175,6 +176,32 @@ def logs(ctx: click.Context, run: str, stage: str | None) -> None:
         if len(parts) > 1:
             click.echo(f"===== {name} =====")
         click.echo(text, nl=False)
+
+
+@cli.command("pull")
+@click.argument("run")
+@click.option(
+    "--to",
+    "dest",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="destination directory [default: ./RUN]",
+)
+@click.option("--stage", type=click.Choice(["train", "merge", "gguf"]), default=None, help="only this stage")
+@click.option("--quant", default=None, metavar="TYPE", help="only this GGUF type (e.g. q4_k_m), with its Modelfile")
+@click.pass_context
+def pull_cmd(ctx: click.Context, run: str, dest: Path | None, stage: str | None, quant: str | None) -> None:
+    """Copy RUN's artifacts into a directory: verified against the manifests, resumable, skips what is there."""
+    from .pull import plan, pull
+
+    store = open_store(ctx.obj["store"])
+    selections = plan(store, run, stage, quant)
+    dest = dest or Path(run)
+    total = sum(s.size for s in selections)
+    label = f"{run}: {sum(s.files for s in selections)} files, {total / 2**20:.1f} MiB"
+    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False) as bar:
+        pull(store, run, dest, selections, bar.update)
+    click.echo(f"pulled {', '.join(s.stage for s in selections)} of {run} into {dest}")
 
 
 def main() -> None:

@@ -19,7 +19,7 @@ from .errors import ConfigError, TunectlError
 from .recipe import Recipe
 from .refs import resolve
 from .runid import new_run_id
-from .store import LocalStore
+from .store import Store
 
 STAGES = ("train", "merge", "gguf")
 
@@ -66,7 +66,7 @@ class StageFailed(TunectlError):
 
 
 class LocalBackend:
-    def __init__(self, store: LocalStore):
+    def __init__(self, store: Store):
         self.store = store
 
     # -- records
@@ -87,9 +87,11 @@ class LocalBackend:
     # -- submit
     def create(self, recipe: Recipe) -> str:
         preflight(recipe)
+        self.store.check()
         run = new_run_id(recipe.name)
         stages = stages_for(recipe)
-        self.store.write_text(f"runs/{run}/recipe.yaml", recipe.to_yaml())
+        (self.store.local_dir(run) / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        self.store.put_file(f"runs/{run}/recipe.yaml", self.store.local_dir(run) / "recipe.yaml")
         self._save_state(run, {s: {"state": "pending"} for s in stages})
         self.store.write_json(
             f"runs/{run}/run.json",
@@ -138,14 +140,15 @@ class LocalBackend:
         self._save_state(run, state)
 
     def _run_stage(self, run: str, stage: str, echo: IO[str] | None) -> tuple[int, str | None]:
-        log_path = self.store.root / "runs" / run / "logs" / f"{stage}.log"
+        work = self.store.local_dir(run)
+        log_path = work / "logs" / f"{stage}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         cmd = [
             sys.executable,
             "-m",
             f"tunectl_jobs.{stage}",
             "--recipe",
-            str(self.store.root / "runs" / run / "recipe.yaml"),
+            str(work / "recipe.yaml"),
             "--store",
             self.store.uri,
             "--run",
@@ -170,6 +173,7 @@ class LocalBackend:
                     echo.flush()
                 pending = (pending + chunk)[-8192:]
             rc = proc.wait()
+        self.store.put_file(f"runs/{run}/logs/{stage}.log", log_path)
         for line in reversed(pending.decode("utf-8", "replace").splitlines()):
             if line.startswith("error: "):
                 error = line[len("error: ") :]
@@ -209,7 +213,7 @@ class LocalBackend:
             if "running" in states
             else next((x for x in states if x in ("cancelled", "interrupted")), "pending")
         )
-        return {**record, "state": overall, "stages": stages, "path": str(self.store.run_dir(run))}
+        return {**record, "state": overall, "stages": stages, "path": self.store.location(run)}
 
     def logs(self, run: str, stage: str | None) -> list[tuple[str, str]]:
         record = self.run_record(run)
@@ -218,9 +222,12 @@ class LocalBackend:
             raise TunectlError(f"run {run} has no stage '{stage}' (stages: {', '.join(stages)})")
         out = []
         for s in [stage] if stage else stages:
-            path = self.store.root / "runs" / run / "logs" / f"{s}.log"
-            if path.is_file():
-                out.append((s, path.read_text(encoding="utf-8", errors="replace")))
+            live = self.store.local_dir(run) / "logs" / f"{s}.log"  # a running stage's log is only here yet
+            text = (
+                live.read_text(errors="replace") if live.is_file() else self.store.read_text(f"runs/{run}/logs/{s}.log")
+            )
+            if text is not None:
+                out.append((s, text))
         return out
 
 

@@ -4,7 +4,7 @@ Layout, the same for every backend: `runs/<run-id>/<stage>/<files...>` plus `run
 The manifest is written LAST and lists every file with its sha256 and size: a stage without a manifest is
 not done, and a consumer refuses files whose checksums differ from it.
 
-`LocalStore` is a directory. Other stores (S3) implement the same methods.
+`LocalStore` is a directory; `S3Store` (s3store.py) is a bucket and prefix. Both implement the same methods.
 """
 
 from __future__ import annotations
@@ -13,12 +13,16 @@ import hashlib
 import json
 import os
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Union
 from urllib.parse import urlparse
 
 from .errors import ArtifactError, ConfigError
+
+if TYPE_CHECKING:
+    from .s3store import S3Store
 
 MANIFEST = "manifest.json"
 MANIFEST_SCHEMA = "tunectl.dev/manifest/v1"
@@ -71,6 +75,15 @@ class LocalStore:
     def run_dir(self, run: str) -> Path:
         return self.root / "runs" / safe_key(run)
 
+    def location(self, run: str) -> str:
+        return str(self.run_dir(run))
+
+    def local_dir(self, run: str) -> Path:
+        """A local working directory for a run: for a directory store, the run's own directory."""
+        d = self.run_dir(run)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
     def stage_dir(self, run: str, stage: str) -> Path:
         return self.run_dir(run) / safe_key(stage)
 
@@ -94,11 +107,23 @@ class LocalStore:
             return None
         return json.loads(path.read_text(encoding="utf-8"))
 
-    def write_text(self, key: str, text: str) -> Path:
+    def read_text(self, key: str) -> str | None:
+        path = self.root / safe_key(key)
+        return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
+
+    def write_text(self, key: str, text: str) -> None:
         path = self.root / safe_key(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
-        return path
+
+    def put_file(self, key: str, path: Path) -> None:
+        target = self.root / safe_key(key)
+        if target.resolve() != path.resolve():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+
+    def check(self) -> None:
+        self.root.mkdir(parents=True, exist_ok=True)
 
     def list_runs(self) -> list[str]:
         base = self.root / "runs"
@@ -110,7 +135,9 @@ class LocalStore:
     def manifest(self, run: str, stage: str) -> dict[str, Any] | None:
         return self.read_json(f"runs/{run}/{stage}/{MANIFEST}")
 
-    def publish(self, run: str, stage: str, src: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    def publish(
+        self, run: str, stage: str, src: Path, manifest: dict[str, Any], progress: Progress | None = None
+    ) -> dict[str, Any]:
         """Move `src`'s files into the stage's place, then write the manifest (the commit point)."""
         dest = self.stage_dir(run, stage)
         dest.mkdir(parents=True, exist_ok=True)
@@ -128,12 +155,21 @@ class LocalStore:
             except OSError:
                 shutil.copy2(path, target)
             files[rel] = {"sha256": sha256_file(target), "size": target.stat().st_size}
+            if progress:
+                progress(files[rel]["size"])
         doc = {"schema": MANIFEST_SCHEMA, "run": run, "stage": stage, **manifest, "files": files}
         self.write_json(f"runs/{run}/{stage}/{MANIFEST}", doc)
         return doc
 
-    def fetch(self, run: str, stage: str) -> StageArtifacts:
-        """A completed stage's files, every checksum verified against its manifest."""
+    def fetch(
+        self,
+        run: str,
+        stage: str,
+        dest: Path | None = None,
+        select: Callable[[str], bool] | None = None,
+        progress: Progress | None = None,
+    ) -> StageArtifacts:
+        """A completed stage's files, every checksum verified against its manifest (copied to `dest` if given)."""
         doc = self.manifest(run, stage)
         if doc is None:
             raise ArtifactError(f"stage '{stage}' of run {run} has no manifest in {self.uri}: it has not completed")
@@ -149,6 +185,10 @@ class LocalStore:
         return StageArtifacts(run, stage, base, doc)
 
 
+Progress = Callable[[int], None]
+Store = Union[LocalStore, "S3Store"]
+
+
 def default_store_uri() -> str:
     env = os.environ.get("TUNECTL_STORE")
     if env:
@@ -157,9 +197,15 @@ def default_store_uri() -> str:
     return str(data_home / "tunectl")
 
 
-def open_store(uri: str | None = None) -> LocalStore:
+def open_store(uri: str | None = None) -> Store:
     uri = uri or default_store_uri()
     parsed = urlparse(uri)
     if parsed.scheme in ("", "file"):
         return LocalStore(Path(parsed.path if parsed.scheme else uri))
-    raise ConfigError(f"store {uri}: unsupported scheme '{parsed.scheme}' (use a directory or file:// URI)")
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ConfigError(f"store {uri}: expected s3://BUCKET[/PREFIX]")
+        from .s3store import S3Store
+
+        return S3Store(parsed.netloc, parsed.path)
+    raise ConfigError(f"store {uri}: unsupported scheme '{parsed.scheme}' (use a directory, file:// or s3:// URI)")

@@ -28,6 +28,8 @@ def load(spec: DataSpec) -> Any:
     except ConfigError:
         raise
     except (FileNotFoundError, ValueError) as e:
+        if "corresponds to no data" in str(e):  # datasets' way of saying the split came out empty
+            raise ConfigError(f"data set {spec.source} has no rows") from None
         raise ConfigError(f"data set {spec.source}: {str(e).splitlines()[0]}") from None
     except Exception as e:  # datasets wraps JSON/Arrow parse errors in several types
         if type(e).__name__ in ("DatasetGenerationError", "ArrowInvalid", "DatasetNotFoundError"):

@@ -19,7 +19,7 @@ from typing import Any
 from tunectl import __version__
 from tunectl.errors import EXIT_CONFIG_ERROR, EXIT_FAILURE, ArtifactError, ConfigError, TunectlError
 from tunectl.recipe import Recipe, recipe_from_file
-from tunectl.store import LocalStore, open_store
+from tunectl.store import Store, open_store
 
 log = logging.getLogger("tunectl")
 
@@ -34,7 +34,7 @@ class StageContext:
 
     name: str
     recipe: Recipe
-    store: LocalStore
+    store: Store
     run: str
     out: Path
     started: str = field(default_factory=_utcnow)

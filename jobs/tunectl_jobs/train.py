@@ -164,15 +164,18 @@ def train(ctx: StageContext) -> None:
     prompts = [(r.prompt_for(p.instruction, p.input), p.max_new_tokens) for p in r.test_prompts]
     stop_ids = contract["stop_token_ids"]
 
-    if prompts:
-        with ctx.phase("generate before"):
+    def answer_test_prompts(when: str) -> list[dict[str, Any]]:
+        if not prompts:
+            return []
+        with ctx.phase(f"generate {when}"):
             if unsloth:
                 from unsloth import FastLanguageModel
 
                 FastLanguageModel.for_inference(model)
-            before = models.generate(model, tokenizer, prompts, stop_ids)
-    else:
-        before = []
+            model.eval()
+            return [{"stage": when, **g} for g in models.generate(model, tokenizer, prompts, stop_ids)]
+
+    before = answer_test_prompts("before")
 
     with ctx.phase("prepare"):
         model = (_peft_unsloth if unsloth else _peft_hf)(ctx, model)
@@ -216,16 +219,7 @@ def train(ctx: StageContext) -> None:
         if "loss" in h
     ]
 
-    if prompts:
-        with ctx.phase("generate after"):
-            if unsloth:
-                from unsloth import FastLanguageModel
-
-                FastLanguageModel.for_inference(model)
-            model.eval()
-            after = models.generate(model, tokenizer, prompts, stop_ids)
-    else:
-        after = []
+    after = answer_test_prompts("after")
 
     with ctx.phase("save"):
         adapter = ctx.out / "adapter"
@@ -233,8 +227,7 @@ def train(ctx: StageContext) -> None:
         tokenizer.save_pretrained(adapter)
         (ctx.out / "loss.json").write_text(json.dumps(history, indent=1) + "\n")
         _loss_plot(history, ctx.out / "loss.png", f"{r.name}: {len(history)} logged steps")
-        gens = [{"stage": "before", **g} for g in before] + [{"stage": "after", **g} for g in after]
-        (ctx.out / "generations.json").write_text(json.dumps(gens, indent=1, ensure_ascii=False) + "\n")
+        (ctx.out / "generations.json").write_text(json.dumps(before + after, indent=1, ensure_ascii=False) + "\n")
         import shutil
 
         shutil.rmtree(ctx.out / ".trainer", ignore_errors=True)

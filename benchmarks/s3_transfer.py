@@ -1,0 +1,92 @@
+"""Push and pull one large artifact through tunectl's S3 store and through `mc cp`, against the same local
+MinIO, alternating runs; prints MB/s for both and their ratio. A benchmark, not a test.
+
+    make bench-s3                     # builds MinIO and mc at their pinned versions first
+    python benchmarks/s3_transfer.py --minio PATH --mc PATH [--size-mib 1024] [--rounds 3]
+
+tunectl's figures include what it does beyond copying bytes: sha256 of every file on upload (recorded in the
+manifest and the object metadata) and verification of every file on download.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from minio_server import MinioServer  # noqa: E402
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--minio", type=Path, required=True)
+    ap.add_argument("--mc", type=Path, required=True)
+    ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="tunectl-bench-"))
+    server = MinioServer(work / "minio" / "data", binary=args.minio)
+    server.start()
+    try:
+        os.environ.update(server.env())
+        os.environ["TUNECTL_CACHE"] = str(work / "cache")
+        from tunectl.store import open_store
+
+        src = work / "src"
+        src.mkdir()
+        artifact = src / "model.bin"
+        with open(artifact, "wb") as f:
+            for _ in range(args.size_mib):
+                f.write(os.urandom(2**20))
+        size = artifact.stat().st_size
+        server.client().create_bucket(Bucket="bench")
+        mc_env = {**os.environ, "MC_CONFIG_DIR": str(work / "mc")}
+        subprocess.run(
+            [str(args.mc), "alias", "set", "bench", server.endpoint, server.user, server.password],
+            check=True,
+            env=mc_env,
+            stdout=subprocess.DEVNULL,
+        )
+
+        def timed(fn, *a, **kw) -> float:
+            t = time.perf_counter()
+            fn(*a, **kw)
+            return size / (time.perf_counter() - t) / 1e6
+
+        def mc(*argv: str) -> None:
+            subprocess.run([str(args.mc), "cp", "--quiet", *argv], check=True, env=mc_env, stdout=subprocess.DEVNULL)
+
+        results: dict[str, list[float]] = {k: [] for k in ("tunectl push", "mc push", "tunectl pull", "mc pull")}
+        store = open_store("s3://bench/tunectl")
+        for i in range(args.rounds):
+            run, out = f"r{i}", work / f"out-{i}"
+            results["tunectl push"].append(timed(store.publish, run, "gguf", src, {}))
+            results["mc push"].append(timed(mc, str(artifact), f"bench/bench/mc/{run}/model.bin"))
+            results["tunectl pull"].append(timed(store.fetch, run, "gguf", dest=out / "tunectl"))
+            results["mc pull"].append(timed(mc, f"bench/bench/mc/{run}/model.bin", str(out / "mc.bin")))
+            shutil.rmtree(out)
+
+        print(f"{size / 2**20:.0f} MiB, {args.rounds} rounds, MinIO on 127.0.0.1, {os.cpu_count()} CPUs")
+        print(f"{'':14} {'median MB/s':>12} {'min':>8} {'max':>8}")
+        for k, v in results.items():
+            print(f"{k:14} {statistics.median(v):12.1f} {min(v):8.1f} {max(v):8.1f}")
+        for op in ("push", "pull"):
+            ratio = statistics.median(results[f"tunectl {op}"]) / statistics.median(results[f"mc {op}"])
+            print(f"{op}: tunectl / mc = {ratio:.2f}x")
+    finally:
+        server.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

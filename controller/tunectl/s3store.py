@@ -1,0 +1,414 @@
+"""The S3 artifact store (AWS S3, MinIO, any S3-compatible server), with the same contract as LocalStore.
+
+`s3://bucket/prefix` holds `runs/<run-id>/<stage>/...` exactly as a local store directory does. Endpoint,
+region and credentials come from the standard AWS chain (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID /
+AWS_SECRET_ACCESS_KEY, AWS_PROFILE, ...); in a cluster they come from a Secret through the environment.
+
+Transfers are safe to interrupt and repeat:
+- upload: each object carries its sha256 in its metadata; a file whose object already has that sha256 and
+  size is not sent again. The manifest is removed first and written last, so an interrupted publish never
+  looks complete.
+- download: large objects are fetched in parallel ranges into `<file>.part`, with completed ranges recorded
+  beside it; an interrupted download resumes with the missing ranges only. Every file is verified against
+  the manifest's sha256 before it is moved into place.
+- transient errors (connection refused or reset, timeouts, 5xx, throttling) are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from .errors import ArtifactError, TunectlError
+from .store import MANIFEST, MANIFEST_SCHEMA, StageArtifacts, safe_key, sha256_file
+
+T = TypeVar("T")
+log = logging.getLogger("tunectl")
+
+PART_SIZE = 64 * 2**20
+CONCURRENCY = 16
+_RETRYABLE_CODES = {
+    "500",
+    "502",
+    "503",
+    "504",
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "XMinioServerNotInitialized",
+    "XMinioStorageFull",
+}
+_AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"}
+
+Progress = Callable[[int], None]
+
+
+class TransientError(TunectlError):
+    """The store could not be reached for long enough; retrying later may succeed."""
+
+
+def _retry_seconds() -> float:
+    return float(os.environ.get("TUNECTL_S3_RETRY_SECONDS", "300"))
+
+
+class S3Store:
+    def __init__(self, bucket: str, prefix: str = "", *, client: Any = None, cache_root: Path | None = None):
+        import boto3
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        if client is None:
+            endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+            # MinIO and most S3-compatible servers want path-style URLs; AWS itself wants virtual hosts.
+            style = os.environ.get("TUNECTL_S3_ADDRESSING") or (
+                "path" if endpoint and "amazonaws.com" not in endpoint else "auto"
+            )
+            config = Config(
+                s3={"addressing_style": style},
+                retries={"max_attempts": 3, "mode": "standard"},
+                connect_timeout=5,
+                read_timeout=60,
+                max_pool_connections=CONCURRENCY * 2,
+                request_checksum_calculation="when_required",
+                response_checksum_validation="when_required",
+            )
+            client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+        self.client = client
+        cache = cache_root or Path(
+            os.environ.get("TUNECTL_S3_CACHE")
+            or Path(os.environ.get("TUNECTL_CACHE") or Path.home() / ".cache" / "tunectl") / "s3"
+        )
+        self.cache = cache / bucket / (self.prefix or "_")
+
+    # -- naming
+    @property
+    def uri(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    @property
+    def endpoint(self) -> str:
+        return self.client.meta.endpoint_url
+
+    def __repr__(self) -> str:
+        return f"S3Store({self.uri} at {self.endpoint})"
+
+    def _key(self, key: str) -> str:
+        key = safe_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def location(self, run: str) -> str:
+        return f"{self.uri}/runs/{safe_key(run)}"
+
+    def local_dir(self, run: str) -> Path:
+        """A local working directory for a run (recipe file for the stages, logs being written)."""
+        d = self.cache / "runs" / safe_key(run)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def scratch_dir(self, run: str, stage: str) -> Path:
+        d = self.local_dir(run) / ".scratch" / safe_key(stage)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    # -- errors and retries
+    def _explain(self, e: Exception) -> Exception | None:
+        """A user-facing error for what retrying cannot fix; None when the error is transient."""
+        from botocore.exceptions import ClientError, NoCredentialsError, PartialCredentialsError
+
+        where = f"S3 store {self.endpoint} bucket '{self.bucket}'"
+        if isinstance(e, (NoCredentialsError, PartialCredentialsError)):
+            return TunectlError(
+                f"{where}: no credentials found; set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+            )
+        cause = e if isinstance(e, ClientError) else e.__cause__ if isinstance(e.__cause__, ClientError) else None
+        if cause is None:
+            return None
+        code = str(cause.response.get("Error", {}).get("Code", ""))
+        if code in ("NoSuchBucket", "404"):  # HEAD requests carry no error body, only the status
+            return TunectlError(f"{where} does not exist; create it first (for example `mc mb` or `aws s3 mb`)")
+        if code in _AUTH_CODES:
+            return TunectlError(
+                f"{where}: access denied ({code}); check the credentials "
+                f"(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY / AWS_PROFILE) and the bucket policy"
+            )
+        if code in _RETRYABLE_CODES:
+            return None
+        return TunectlError(f"{where}: {code}: {cause.response.get('Error', {}).get('Message', '')}".rstrip(": "))
+
+    def _retry(self, what: str, fn: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
+        deadline = time.monotonic() + _retry_seconds()
+        delay = 0.5
+        while True:
+            try:
+                return fn()
+            except TunectlError:
+                raise
+            except Exception as e:  # botocore raises many unrelated types for network trouble
+                fatal = self._explain(e)
+                if fatal is not None:
+                    raise fatal from None
+                if not _is_transient(e):
+                    raise
+                if time.monotonic() + delay > deadline:
+                    raise TransientError(
+                        f"S3 store {self.endpoint} bucket '{self.bucket}': {what} kept failing "
+                        f"for {_retry_seconds():.0f}s ({type(e).__name__}: {e})"
+                    ) from None
+                log.warning("%s failed (%s); retrying in %.1fs", what, type(e).__name__, delay)
+                sleep(delay * (0.5 + random.random()))
+                delay = min(delay * 2, 10.0)
+
+    # -- small documents
+    def _get_bytes(self, key: str) -> bytes | None:
+        def get() -> bytes | None:
+            try:
+                return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+            except Exception as e:
+                if _code(e) in ("NoSuchKey", "404"):
+                    return None
+                raise
+
+        return self._retry(f"reading {key}", get)
+
+    def read_json(self, key: str) -> dict[str, Any] | None:
+        data = self._get_bytes(key)
+        return None if data is None else json.loads(data)
+
+    def read_text(self, key: str) -> str | None:
+        data = self._get_bytes(key)
+        return None if data is None else data.decode("utf-8", "replace")
+
+    def _put_bytes(self, key: str, data: bytes, content_type: str) -> None:
+        self._retry(
+            f"writing {key}",
+            lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type),
+        )
+
+    def write_json(self, key: str, doc: dict[str, Any]) -> None:
+        self._put_bytes(key, (json.dumps(doc, indent=2, ensure_ascii=False) + "\n").encode(), "application/json")
+
+    def write_text(self, key: str, text: str) -> None:
+        self._put_bytes(key, text.encode(), "text/plain; charset=utf-8")
+
+    def put_file(self, key: str, path: Path) -> None:
+        self._upload(path, key, sha256_file(path), None)
+
+    def check(self) -> None:
+        """Fail early, with one line, on a missing bucket or bad credentials."""
+        self._retry("checking the bucket", lambda: self.client.head_bucket(Bucket=self.bucket))
+
+    def list_runs(self) -> list[str]:
+        prefix = self._key("runs") + "/"
+
+        def runs() -> list[str]:
+            out = []
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=prefix, Delimiter="/"
+            ):
+                out += [p["Prefix"][len(prefix) :].rstrip("/") for p in page.get("CommonPrefixes", [])]
+            return out
+
+        names = self._retry("listing runs", runs)
+        return sorted(n for n in names if self.read_json(f"runs/{n}/run.json") is not None)
+
+    # -- stage handoff
+    def manifest(self, run: str, stage: str) -> dict[str, Any] | None:
+        return self.read_json(f"runs/{run}/{stage}/{MANIFEST}")
+
+    def _remote_sha(self, key: str) -> tuple[str | None, int | None]:
+        def head() -> tuple[str | None, int | None]:
+            try:
+                h = self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+            except Exception as e:
+                if _code(e) in ("NoSuchKey", "404", "NotFound"):
+                    return None, None
+                raise
+            return h.get("Metadata", {}).get("sha256"), h["ContentLength"]
+
+        return self._retry(f"checking {key}", head)
+
+    def _upload(self, path: Path, key: str, sha: str, progress: Progress | None) -> bool:
+        """Upload unless the object already has this content; returns whether bytes were sent."""
+        size = path.stat().st_size
+        if self._remote_sha(key) == (sha, size):
+            if progress:
+                progress(size)
+            return False
+        from boto3.s3.transfer import TransferConfig
+
+        config = TransferConfig(
+            multipart_threshold=PART_SIZE, multipart_chunksize=PART_SIZE, max_concurrency=CONCURRENCY, use_threads=True
+        )
+
+        def send() -> None:
+            self.client.upload_file(
+                str(path),
+                self.bucket,
+                self._key(key),
+                Config=config,
+                ExtraArgs={"Metadata": {"sha256": sha}},
+                Callback=progress,
+            )
+
+        self._retry(f"uploading {key}", send)
+        return True
+
+    def publish(
+        self, run: str, stage: str, src: Path, manifest: dict[str, Any], progress: Progress | None = None
+    ) -> dict[str, Any]:
+        """Upload `src`'s files (skipping those already there), then the manifest, the commit point."""
+        prefix = f"runs/{run}/{stage}"
+        self._retry(
+            "removing the old manifest",
+            lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{prefix}/{MANIFEST}")),
+        )
+        paths = sorted(p for p in src.rglob("*") if p.is_file() and p.relative_to(src).as_posix() != MANIFEST)
+        files: dict[str, dict[str, Any]] = {}
+        for path in paths:
+            rel = path.relative_to(src).as_posix()
+            sha = sha256_file(path)
+            files[rel] = {"sha256": sha, "size": path.stat().st_size}
+            self._upload(path, f"{prefix}/{rel}", sha, progress)
+        doc = {"schema": MANIFEST_SCHEMA, "run": run, "stage": stage, **manifest, "files": files}
+        self.write_json(f"{prefix}/{MANIFEST}", doc)
+        return doc
+
+    def fetch(
+        self,
+        run: str,
+        stage: str,
+        dest: Path | None = None,
+        select: Callable[[str], bool] | None = None,
+        progress: Progress | None = None,
+    ) -> StageArtifacts:
+        """Download a completed stage's files (resuming, skipping what is already here) and verify them."""
+        doc = self.manifest(run, stage)
+        if doc is None:
+            raise ArtifactError(f"stage '{stage}' of run {run} has no manifest in {self.uri}: it has not completed")
+        base = dest or self.cache / "runs" / safe_key(run) / safe_key(stage)
+        for rel, meta in doc.get("files", {}).items():
+            if select is not None and not select(rel):
+                continue
+            self._download(f"runs/{run}/{stage}/{rel}", base / safe_key(rel), meta, run, stage, rel, progress)
+        return StageArtifacts(run, stage, base, doc)
+
+    def _download(
+        self, key: str, path: Path, meta: dict[str, Any], run: str, stage: str, rel: str, progress: Progress | None
+    ) -> None:
+        size, sha = int(meta["size"]), meta["sha256"]
+        if path.is_file() and path.stat().st_size == size and sha256_file(path) == sha:
+            if progress:
+                progress(size)
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        part = path.with_name(path.name + ".part")
+        done_file = path.with_name(path.name + ".part.json")
+        done = _load_done(done_file, size, sha, part)
+        ranges = [(o, min(o + PART_SIZE, size)) for o in range(0, size, PART_SIZE)] or [(0, 0)]
+        todo = [r for r in ranges if r[0] not in done]
+        if progress:
+            progress(sum(e - s for s, e in ranges if s in done))
+        if not part.exists() or part.stat().st_size != size:
+            with open(part, "ab") as f:
+                f.truncate(size)
+        lock = threading.Lock()
+
+        def fetch_range(r: tuple[int, int]) -> None:
+            start, end = r
+            if end > start:
+                body = self._retry(
+                    f"downloading {key}",
+                    lambda: self.client.get_object(
+                        Bucket=self.bucket, Key=self._key(key), Range=f"bytes={start}-{end - 1}"
+                    )["Body"].read(),
+                )
+                if len(body) != end - start:
+                    raise ArtifactError(
+                        f"run {run} stage {stage}: {rel} is shorter in the store than its manifest says"
+                    )
+                fd = os.open(part, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, body, start)
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            with lock:
+                done.add(start)
+                _save_done(done_file, size, sha, done)
+            if progress:
+                progress(end - start)
+
+        with ThreadPoolExecutor(max_workers=CONCURRENCY) as pool:
+            list(pool.map(fetch_range, todo))
+        if sha256_file(part) != sha:
+            part.unlink()
+            done_file.unlink(missing_ok=True)
+            raise ArtifactError(
+                f"run {run} stage {stage}: {rel} does not match its manifest checksum (corrupted "
+                f"in {self.uri}); re-run the stage"
+            )
+        os.replace(part, path)
+        done_file.unlink(missing_ok=True)
+
+
+def _load_done(done_file: Path, size: int, sha: str, part: Path) -> set[int]:
+    try:
+        doc = json.loads(done_file.read_text())
+    except (OSError, ValueError):
+        return set()
+    if doc.get("size") != size or doc.get("sha256") != sha or not part.is_file():
+        return set()  # a different object now: start over
+    return set(doc.get("done", []))
+
+
+def _save_done(done_file: Path, size: int, sha: str, done: Iterable[int]) -> None:
+    tmp = done_file.with_name(done_file.name + ".tmp")
+    tmp.write_text(json.dumps({"size": size, "sha256": sha, "done": sorted(done)}))
+    os.replace(tmp, done_file)
+
+
+def _code(e: Exception) -> str:
+    response = getattr(e, "response", None)
+    return str(response.get("Error", {}).get("Code", "")) if isinstance(response, dict) else ""
+
+
+def _is_transient(e: Exception) -> bool:
+    from botocore.exceptions import (
+        ClientError,
+        ConnectionClosedError,
+        ConnectTimeoutError,
+        EndpointConnectionError,
+        ReadTimeoutError,
+        ResponseStreamingError,
+    )
+
+    if isinstance(
+        e,
+        (
+            EndpointConnectionError,
+            ConnectionClosedError,
+            ConnectTimeoutError,
+            ReadTimeoutError,
+            ResponseStreamingError,
+            ConnectionError,
+            TimeoutError,
+        ),
+    ):
+        return True
+    if isinstance(e, ClientError):
+        return _code(e) in _RETRYABLE_CODES
+    # s3transfer wraps failures of multipart uploads; the cause says what happened.
+    if type(e).__name__ in ("S3UploadFailedError", "RetriesExceededError"):
+        return e.__cause__ is None or _is_transient(e.__cause__)  # type: ignore[arg-type]
+    return isinstance(e.__cause__, Exception) and _is_transient(e.__cause__)
