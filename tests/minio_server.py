@@ -36,7 +36,7 @@ class MinioServer:
         self.port = free_port()
         self.console_port = free_port()
         self.user = "tunectl-" + secrets.token_hex(4)
-        self.password = secrets.token_urlsafe(24)
+        self.password = secrets.token_hex(20)
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = data_dir.parent / f"minio-{self.port}.log"
 

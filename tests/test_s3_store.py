@@ -22,6 +22,7 @@ from tunectl.store import open_store, sha256_file  # noqa: E402
 def small_parts(monkeypatch):
     """1 MiB parts, so a few MiB exercise multipart and ranged transfers."""
     monkeypatch.setattr(s3store, "PART_SIZE", 2**20)
+    monkeypatch.setattr(s3store, "RANGE_SIZE", 2**20)
     monkeypatch.setattr(s3store, "CONCURRENCY", 4)
 
 
@@ -70,6 +71,12 @@ def test_republish_sends_only_changed_files(bucket, tmp_path, small_parts, monke
     (src / "loss.json").write_text("[1.0]")
     store.publish("r1", "train", src, {})
     assert sent == ["runs/r1/train/loss.json"]
+    # An object changed behind the journal's back (new ETag) is sent again, so a re-run repairs corruption.
+    store.client.put_object(Bucket=bucket, Key="runs/r1/train/adapter/weights.bin", Body=b"garbage")
+    sent.clear()
+    store.publish("r1", "train", src, {})
+    assert sent == ["runs/r1/train/adapter/weights.bin"]
+    store.fetch("r1", "train", dest=tmp_path / "out")
 
 
 def test_consumer_refuses_missing_manifest_and_corrupted_object(bucket, tmp_path, small_parts):
@@ -200,7 +207,7 @@ def test_interrupted_pull_resumes_with_only_the_missing_bytes(bucket, tmp_path, 
     assert sha256_file(got.file("adapter/weights.bin")) == sha256_file(src / "adapter" / "weights.bin")
     # Only what was missing went over the wire the second time (ranges in flight at the interruption
     # may be fetched again: at most one part per worker).
-    assert second <= total - first + s3store.CONCURRENCY * s3store.PART_SIZE
+    assert second <= total - first + s3store.CONCURRENCY * s3store.RANGE_SIZE
     assert second < total
     fetched.clear()
     store.fetch("r1", "train", dest=tmp_path / "out")  # everything present and verified: nothing sent
