@@ -8,15 +8,14 @@ Transfers are safe to interrupt and repeat:
 - upload: a journal beside the files records each finished object's sha256, size and ETag; a file whose
   object still matches its entry is not sent again. The manifest is removed first and written last, so an
   interrupted publish never looks complete.
-- download: ranges are fetched in parallel and appended in order to `<file>.part`, hashed as they land; an
-  interrupted download resumes from the end of that prefix. Every file is verified against the manifest's
+- download: ranges are fetched in parallel and appended in order to `<file>.part`; an interrupted download
+  resumes from the end of that prefix. Every file is verified against the manifest's
   sha256 before it is moved into place.
 - transient errors (connection refused or reset, timeouts, 5xx, throttling) are retried with backoff.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -39,7 +38,6 @@ log = logging.getLogger("tunectl")
 JOURNAL = ".uploaded.json"
 PART_SIZE = 64 * 2**20  # multipart upload part
 RANGE_SIZE = 16 * 2**20  # download range; CONCURRENCY of them are in memory at once
-_STREAM_CHUNK = 4 * 2**20
 CONCURRENCY = int(os.environ.get("TUNECTL_S3_CONCURRENCY", "8"))  # parallel parts per file, both directions
 _RETRYABLE_CODES = {
     "500",
@@ -323,8 +321,8 @@ class S3Store:
     def _download(
         self, key: str, path: Path, meta: dict[str, Any], run: str, stage: str, rel: str, progress: Progress | None
     ) -> None:
-        """Ranges are fetched in parallel and written and hashed in order, so `<file>.part` is always a verified-
-        as-it-goes prefix: an interrupted download resumes from its end, and nothing is read twice."""
+        """Ranges are fetched in parallel and appended in order, so `<file>.part` is always a prefix of the object:
+        an interrupted download resumes from its end."""
         size, sha = int(meta["size"]), meta["sha256"]
         if path.is_file() and path.stat().st_size == size and sha256_file(path) == sha:
             if progress:
@@ -333,13 +331,8 @@ class S3Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_name(path.name + ".part")
         ident = path.with_name(path.name + ".part.json")  # which object the .part is a prefix of
-        digest = hashlib.sha256()
         offset = _resumable_prefix(part, ident, size, sha)
-        if offset:
-            with open(part, "rb") as f:
-                while chunk := f.read(_STREAM_CHUNK):
-                    digest.update(chunk)
-        else:
+        if not offset:
             part.write_bytes(b"")
             ident.write_text(json.dumps({"size": size, "sha256": sha}))
         if progress:
@@ -375,7 +368,6 @@ class S3Store:
                 while inflight:
                     view = inflight.popleft().result()
                     out.write(view)
-                    digest.update(view)
                     if progress:
                         progress(len(view))
                     buffers.put(view.obj)  # type: ignore[arg-type]
@@ -386,7 +378,9 @@ class S3Store:
             pool.shutdown(wait=True, cancel_futures=True)  # stop at once; the prefix written so far is kept
             raise
         pool.shutdown()
-        if digest.hexdigest() != sha:
+        # Verified once the bytes are down: hashing inside the loop competes with the transfer for the CPU and
+        # measured slower (docs/benchmarks.md).
+        if sha256_file(part) != sha:
             part.unlink()
             ident.unlink(missing_ok=True)
             raise ArtifactError(
