@@ -65,7 +65,21 @@ def main() -> int:
         def mc(*argv: str) -> None:
             subprocess.run([str(args.mc), "cp", "--quiet", *argv], check=True, env=mc_env, stdout=subprocess.DEVNULL)
 
-        results: dict[str, list[float]] = {k: [] for k in ("tunectl push", "mc push", "tunectl pull", "mc pull")}
+        results: dict[str, list[float]] = {
+            k: [] for k in ("tunectl push", "mc push", "tunectl pull", "mc pull", "tunectl pull, no verify*")
+        }
+
+        def pull_unverified(run: str, dest: Path) -> None:
+            """Diagnostic only: the same pull with the final sha256 check stubbed out, to show its cost."""
+            from tunectl import s3store
+
+            expected = store.manifest(run, "gguf")["files"]["model.bin"]["sha256"]
+            real, s3store.sha256_file = s3store.sha256_file, lambda path: expected
+            try:
+                store.fetch(run, "gguf", dest=dest)
+            finally:
+                s3store.sha256_file = real
+
         store = open_store("s3://bench/tunectl")
         # Round 0 warms up both (this VM pays for first-touched memory, so whoever goes first in a cold
         # process is slower); after it, the order alternates each round.
@@ -76,8 +90,9 @@ def main() -> int:
                 ("mc push", mc, (str(artifact), f"bench/bench/mc/{run}/model.bin"), {}),
                 ("tunectl pull", store.fetch, (run, "gguf"), {"dest": out / "tunectl"}),
                 ("mc pull", mc, (f"bench/bench/mc/{run}/model.bin", str(out / "mc.bin")), {}),
+                ("tunectl pull, no verify*", pull_unverified, (run, out / "unverified"), {}),
             ]
-            for k in [0, 1, 2, 3] if i % 2 == 0 else [1, 0, 3, 2]:
+            for k in [0, 1, 2, 3, 4] if i % 2 == 0 else [1, 0, 3, 2, 4]:
                 name, fn, a, kw = steps[k]
                 mbps = timed(fn, *a, **kw)
                 if i > 0:
@@ -90,13 +105,14 @@ def main() -> int:
         print(
             f"{size / 2**20:.0f} MiB, {args.rounds} rounds after a warm-up, MinIO on 127.0.0.1, {os.cpu_count()} CPUs"
         )
-        print(f"{'':14} {'median MB/s':>12} {'min':>8} {'max':>8}")
+        print(f"{'':26} {'median MB/s':>12} {'min':>8} {'max':>8}")
         for k, v in results.items():
-            print(f"{k:14} {statistics.median(v):12.1f} {min(v):8.1f} {max(v):8.1f}")
+            print(f"{k:26} {statistics.median(v):12.1f} {min(v):8.1f} {max(v):8.1f}")
         for op in ("push", "pull"):
             ratio = statistics.median(results[f"tunectl {op}"]) / statistics.median(results[f"mc {op}"])
             print(f"{op}: tunectl / mc = {ratio:.2f}x")
         print(f"sha256 alone on this CPU: {sha_mbps:.0f} MB/s (tunectl hashes every file on push and pull)")
+        print("* diagnostic: tunectl never skips verification; this row only shows what the check costs")
     finally:
         server.stop()
         shutil.rmtree(work, ignore_errors=True)

@@ -175,6 +175,8 @@ class LocalStore:
             raise ArtifactError(f"stage '{stage}' of run {run} has no manifest in {self.uri}: it has not completed")
         base = self.stage_dir(run, stage)
         for rel, meta in doc.get("files", {}).items():
+            if select is not None and not select(rel):
+                continue
             path = base / safe_key(rel)
             if not path.is_file():
                 raise ArtifactError(f"run {run} stage {stage}: {rel} is listed in the manifest but missing")
@@ -182,7 +184,21 @@ class LocalStore:
                 raise ArtifactError(
                     f"run {run} stage {stage}: {rel} does not match its manifest checksum (corrupted); re-run the stage"
                 )
-        return StageArtifacts(run, stage, base, doc)
+            if dest is not None:
+                _copy_unless_same(path, dest / safe_key(rel), meta)
+            if progress:
+                progress(meta["size"])
+        return StageArtifacts(run, stage, dest or base, doc)
+
+
+def _copy_unless_same(src: Path, target: Path, meta: dict[str, Any]) -> None:
+    """Copy a verified file, unless `target` already holds it; a partial copy never takes the final name."""
+    if target.is_file() and target.stat().st_size == meta["size"] and sha256_file(target) == meta["sha256"]:
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".part")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, target)
 
 
 Progress = Callable[[int], None]
