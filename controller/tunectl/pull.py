@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import TunectlError
-from .store import MANIFEST, Store
+from .store import MANIFEST, Store, selected_files
 
 STAGES = ("train", "merge", "gguf")
 _GGUF = re.compile(r"-([a-z0-9_]+)\.gguf$")
@@ -48,7 +48,7 @@ def plan(store: Store, run: str, stage: str | None, quant: str | None) -> list[S
             if quant not in have:
                 raise TunectlError(f"run {run} has no {quant} GGUF; it has: {', '.join(have)}")
             select = lambda rel, q=quant: not rel.endswith(".gguf") or rel.endswith(f"-{q}.gguf")  # noqa: E731
-        chosen = [m for rel, m in manifest["files"].items() if select is None or select(rel)]
+        chosen = [m for _, m in selected_files(manifest, select)]
         out.append(Selection(s, select, sum(m["size"] for m in chosen), len(chosen)))
     if not out:
         raise TunectlError(f"run {run} has no completed stage yet")
@@ -65,6 +65,6 @@ def pull(store: Store, run: str, dest: Path, selections: list[Selection], progre
     for sel in selections:
         got = store.fetch(run, sel.stage, dest=dest / sel.stage, select=sel.select, progress=safe_progress)
         # The manifest goes along (last, as in the store), listing what was pulled, so the copy stays verifiable.
-        files = {k: v for k, v in got.manifest["files"].items() if sel.select is None or sel.select(k)}
+        files = dict(selected_files(got.manifest, sel.select))
         doc = {**got.manifest, "files": files}
         (dest / sel.stage / MANIFEST).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")

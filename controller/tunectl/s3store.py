@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .errors import ArtifactError, TunectlError
-from .store import MANIFEST, MANIFEST_SCHEMA, StageArtifacts, safe_key, sha256_file
+from .store import (
+    MANIFEST,
+    StageArtifacts,
+    completed_manifest,
+    manifest_doc,
+    safe_key,
+    selected_files,
+    sha256_file,
+)
 
 T = TypeVar("T")
 log = logging.getLogger("tunectl")
@@ -295,7 +303,7 @@ class S3Store:
             p.relative_to(src).as_posix(): {k: journal[p.relative_to(src).as_posix()][k] for k in ("sha256", "size")}
             for p in paths
         }
-        doc = {"schema": MANIFEST_SCHEMA, "run": run, "stage": stage, **manifest, "files": files}
+        doc = manifest_doc(run, stage, manifest, files)
         self.write_json(f"{prefix}/{MANIFEST}", doc)
         return doc
 
@@ -308,13 +316,9 @@ class S3Store:
         progress: Progress | None = None,
     ) -> StageArtifacts:
         """Download a completed stage's files (resuming, skipping what is already here) and verify them."""
-        doc = self.manifest(run, stage)
-        if doc is None:
-            raise ArtifactError(f"stage '{stage}' of run {run} has no manifest in {self.uri}: it has not completed")
+        doc = completed_manifest(self, run, stage)
         base = dest or self.cache / "runs" / safe_key(run) / safe_key(stage)
-        for rel, meta in doc.get("files", {}).items():
-            if select is not None and not select(rel):
-                continue
+        for rel, meta in selected_files(doc, select):
             self._download(f"runs/{run}/{stage}/{rel}", base / safe_key(rel), meta, run, stage, rel, progress)
         return StageArtifacts(run, stage, base, doc)
 

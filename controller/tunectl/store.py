@@ -157,7 +157,7 @@ class LocalStore:
             files[rel] = {"sha256": sha256_file(target), "size": target.stat().st_size}
             if progress:
                 progress(files[rel]["size"])
-        doc = {"schema": MANIFEST_SCHEMA, "run": run, "stage": stage, **manifest, "files": files}
+        doc = manifest_doc(run, stage, manifest, files)
         self.write_json(f"runs/{run}/{stage}/{MANIFEST}", doc)
         return doc
 
@@ -170,13 +170,9 @@ class LocalStore:
         progress: Progress | None = None,
     ) -> StageArtifacts:
         """A completed stage's files, every checksum verified against its manifest (copied to `dest` if given)."""
-        doc = self.manifest(run, stage)
-        if doc is None:
-            raise ArtifactError(f"stage '{stage}' of run {run} has no manifest in {self.uri}: it has not completed")
+        doc = completed_manifest(self, run, stage)
         base = self.stage_dir(run, stage)
-        for rel, meta in doc.get("files", {}).items():
-            if select is not None and not select(rel):
-                continue
+        for rel, meta in selected_files(doc, select):
             path = base / safe_key(rel)
             if not path.is_file():
                 raise ArtifactError(f"run {run} stage {stage}: {rel} is listed in the manifest but missing")
@@ -189,6 +185,22 @@ class LocalStore:
             if progress:
                 progress(meta["size"])
         return StageArtifacts(run, stage, dest or base, doc)
+
+
+def manifest_doc(run: str, stage: str, manifest: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
+    return {"schema": MANIFEST_SCHEMA, "run": run, "stage": stage, **manifest, "files": files}
+
+
+def completed_manifest(store: Store, run: str, stage: str) -> dict[str, Any]:
+    """The stage's manifest; a stage without one has not completed and must not be consumed."""
+    doc = store.manifest(run, stage)
+    if doc is None:
+        raise ArtifactError(f"stage '{stage}' of run {run} has no manifest in {store.uri}: it has not completed")
+    return doc
+
+
+def selected_files(doc: dict[str, Any], select: Callable[[str], bool] | None) -> list[tuple[str, dict[str, Any]]]:
+    return [(rel, meta) for rel, meta in doc.get("files", {}).items() if select is None or select(rel)]
 
 
 def _copy_unless_same(src: Path, target: Path, meta: dict[str, Any]) -> None:
