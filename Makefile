@@ -12,7 +12,7 @@ MC_VERSION    := v0.0.0-20250313080218-cf909e1063a9
 MINIO  := $(TOOLS)/minio-$(MINIO_VERSION)/minio
 MC     := $(TOOLS)/mc-$(MC_VERSION)/mc
 
-.PHONY: setup tools demo test lint bench-s3 clean-venv
+.PHONY: setup tools cluster-tools demo test lint bench-s3 clean-venv
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,18 @@ $(MC):
 	GOBIN=$(dir $@) go install github.com/minio/mc@$(MC_VERSION)
 
 tools: $(MINIO)
+
+# The Kubernetes control plane, kwok and Helm for the Kubernetes backend's tests (issue 4; not yet used by `make test`).
+K8S_VERSION  := v1.37.2
+KWOK_VERSION := v0.8.0
+HELM_VERSION := v3.22.0
+CLUSTER_BIN  := $(TOOLS)/k8s-$(K8S_VERSION)
+
+cluster-tools:
+	cd tests/cluster/tools && go build -o $(CLUSTER_BIN)/ k8s.io/kubernetes/cmd/kube-apiserver \
+	  k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler ./cmd/etcd
+	GOBIN=$(TOOLS)/kwok-$(KWOK_VERSION) go install sigs.k8s.io/kwok/cmd/kwok@$(KWOK_VERSION)
+	GOBIN=$(TOOLS)/helm-$(HELM_VERSION) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
 demo: setup
 	$(BIN)/tunectl submit ruozhiba-tiny
