@@ -90,8 +90,9 @@ class LocalBackend:
         self.store.check()
         run = new_run_id(recipe.name)
         stages = stages_for(recipe)
-        (self.store.local_dir(run) / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        self.store.put_file(f"runs/{run}/recipe.yaml", self.store.local_dir(run) / "recipe.yaml")
+        recipe_file = self.store.local_dir(run) / "recipe.yaml"  # the file the stage programs read
+        recipe_file.write_text(recipe.to_yaml(), encoding="utf-8")
+        self.store.put_file(f"runs/{run}/recipe.yaml", recipe_file)
         self._save_state(run, {s: {"state": "pending"} for s in stages})
         self.store.write_json(
             f"runs/{run}/run.json",

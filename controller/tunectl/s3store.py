@@ -35,6 +35,7 @@ from .store import (
     StageArtifacts,
     completed_manifest,
     manifest_doc,
+    matches,
     safe_key,
     selected_files,
     sha256_file,
@@ -60,6 +61,7 @@ _RETRYABLE_CODES = {
     "XMinioServerNotInitialized",
     "XMinioStorageFull",
 }
+_NOT_FOUND = {"NoSuchKey", "404", "NotFound"}  # HEAD answers carry only the status
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"}
 
 Progress = Callable[[int], None]
@@ -187,7 +189,7 @@ class S3Store:
             try:
                 return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
             except Exception as e:
-                if _code(e) in ("NoSuchKey", "404"):
+                if _code(e) in _NOT_FOUND:
                     return None
                 raise
 
@@ -243,7 +245,7 @@ class S3Store:
             try:
                 return self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             except Exception as e:
-                if _code(e) in ("NoSuchKey", "404", "NotFound"):
+                if _code(e) in _NOT_FOUND:
                     return None
                 raise
 
@@ -294,15 +296,12 @@ class S3Store:
             lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{prefix}/{MANIFEST}")),
         )
         journal: dict[str, Any] = self.read_json(f"{prefix}/{JOURNAL}") or {}
-        paths = sorted(p for p in src.rglob("*") if p.is_file() and p.relative_to(src).as_posix() != MANIFEST)
-        for path in paths:
-            rel = path.relative_to(src).as_posix()
-            journal[rel] = self._upload(path, f"{prefix}/{rel}", journal.get(rel), progress)
+        rels = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+        rels = [rel for rel in rels if rel != MANIFEST]
+        for rel in rels:
+            journal[rel] = self._upload(src / rel, f"{prefix}/{rel}", journal.get(rel), progress)
             self.write_json(f"{prefix}/{JOURNAL}", journal)
-        files = {
-            p.relative_to(src).as_posix(): {k: journal[p.relative_to(src).as_posix()][k] for k in ("sha256", "size")}
-            for p in paths
-        }
+        files = {rel: {"sha256": journal[rel]["sha256"], "size": journal[rel]["size"]} for rel in rels}
         doc = manifest_doc(run, stage, manifest, files)
         self.write_json(f"{prefix}/{MANIFEST}", doc)
         return doc
@@ -328,7 +327,7 @@ class S3Store:
         """Ranges are fetched in parallel and appended in order, so `<file>.part` is always a prefix of the object:
         an interrupted download resumes from its end."""
         size, sha = int(meta["size"]), meta["sha256"]
-        if path.is_file() and path.stat().st_size == size and sha256_file(path) == sha:
+        if matches(path, meta):
             if progress:
                 progress(size)
             return

@@ -37,6 +37,11 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
+def matches(path: Path, meta: dict[str, Any]) -> bool:
+    """Whether `path` holds exactly the file a manifest entry describes (size first: it is free)."""
+    return path.is_file() and path.stat().st_size == meta["size"] and sha256_file(path) == meta["sha256"]
+
+
 def safe_key(key: str) -> str:
     """Refuse keys that would escape their prefix (`..`, absolute paths)."""
     parts = key.replace("\\", "/").split("/")
@@ -173,15 +178,18 @@ class LocalStore:
         doc = completed_manifest(self, run, stage)
         base = self.stage_dir(run, stage)
         for rel, meta in selected_files(doc, select):
-            path = base / safe_key(rel)
-            if not path.is_file():
-                raise ArtifactError(f"run {run} stage {stage}: {rel} is listed in the manifest but missing")
-            if path.stat().st_size != meta["size"] or sha256_file(path) != meta["sha256"]:
-                raise ArtifactError(
-                    f"run {run} stage {stage}: {rel} does not match its manifest checksum (corrupted); re-run the stage"
-                )
-            if dest is not None:
-                _copy_unless_same(path, dest / safe_key(rel), meta)
+            target = None if dest is None else dest / safe_key(rel)
+            if target is None or not matches(target, meta):  # a verified copy already there needs nothing more
+                path = base / safe_key(rel)
+                if not path.is_file():
+                    raise ArtifactError(f"run {run} stage {stage}: {rel} is listed in the manifest but missing")
+                if not matches(path, meta):
+                    raise ArtifactError(
+                        f"run {run} stage {stage}: {rel} does not match its manifest checksum (corrupted); "
+                        f"re-run the stage"
+                    )
+                if target is not None:
+                    _copy(path, target)
             if progress:
                 progress(meta["size"])
         return StageArtifacts(run, stage, dest or base, doc)
@@ -203,10 +211,8 @@ def selected_files(doc: dict[str, Any], select: Callable[[str], bool] | None) ->
     return [(rel, meta) for rel, meta in doc.get("files", {}).items() if select is None or select(rel)]
 
 
-def _copy_unless_same(src: Path, target: Path, meta: dict[str, Any]) -> None:
-    """Copy a verified file, unless `target` already holds it; a partial copy never takes the final name."""
-    if target.is_file() and target.stat().st_size == meta["size"] and sha256_file(target) == meta["sha256"]:
-        return
+def _copy(src: Path, target: Path) -> None:
+    """Copy a verified file; a partial copy never takes the final name."""
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(target.name + ".part")
     shutil.copyfile(src, tmp)
