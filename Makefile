@@ -12,7 +12,7 @@ MC_VERSION    := v0.0.0-20250313080218-cf909e1063a9
 MINIO  := $(TOOLS)/minio-$(MINIO_VERSION)/minio
 MC     := $(TOOLS)/mc-$(MC_VERSION)/mc
 
-.PHONY: setup tools cluster-tools demo test lint bench-s3 clean-venv
+.PHONY: setup tools cluster-tools demo test lint bench-s3 bench-k8s clean-venv
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -35,31 +35,53 @@ $(MC):
 
 tools: $(MINIO)
 
-# The Kubernetes control plane, kwok and Helm for the Kubernetes backend's tests (issue 4; not yet used by `make test`).
+# The Kubernetes control plane, kwok and Helm for the Kubernetes backend's tests (tests/cluster). Targets are the
+# binaries, in a directory per version, so a machine that has them builds nothing. Keep the versions in step with
+# tests/cluster/controlplane.py; etcd's comes from tests/cluster/tools/go.mod (k8s.io/kubernetes requires it).
 K8S_VERSION  := v1.37.2
 KWOK_VERSION := v0.8.0
 HELM_VERSION := v3.22.0
 CLUSTER_BIN  := $(TOOLS)/k8s-$(K8S_VERSION)
+K8S_BINS     := $(addprefix $(CLUSTER_BIN)/,kube-apiserver kube-controller-manager kube-scheduler etcd)
+KWOK         := $(TOOLS)/kwok-$(KWOK_VERSION)/kwok
+HELM         := $(TOOLS)/helm-$(HELM_VERSION)/helm
 
-cluster-tools:
-	cd tests/cluster/tools && go build -o $(CLUSTER_BIN)/ k8s.io/kubernetes/cmd/kube-apiserver \
+# One `go build` for all four (grouped target: make runs the recipe once); they share most of their dependencies.
+# The -X flags stamp the version Kubernetes' own build scripts would: without them /version says v0.0.0-master,
+# which Helm's .Capabilities.KubeVersion and chart kubeVersion constraints would see.
+K8S_SEMVER  := $(subst ., ,$(K8S_VERSION:v%=%))
+K8S_LDFLAGS := $(foreach kv,gitVersion=$(K8S_VERSION) gitMajor=$(word 1,$(K8S_SEMVER)) \
+  gitMinor=$(word 2,$(K8S_SEMVER)) gitTreeState=clean,-X k8s.io/component-base/version.$(kv))
+$(K8S_BINS) &:
+	cd tests/cluster/tools && go build -ldflags '$(K8S_LDFLAGS)' -o $(CLUSTER_BIN)/ k8s.io/kubernetes/cmd/kube-apiserver \
 	  k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler ./cmd/etcd
-	GOBIN=$(TOOLS)/kwok-$(KWOK_VERSION) go install sigs.k8s.io/kwok/cmd/kwok@$(KWOK_VERSION)
-	GOBIN=$(TOOLS)/helm-$(HELM_VERSION) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+
+$(KWOK):
+	GOBIN=$(dir $@) go install sigs.k8s.io/kwok/cmd/kwok@$(KWOK_VERSION)
+
+$(HELM):
+	GOBIN=$(dir $@) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+
+cluster-tools: $(K8S_BINS) $(KWOK) $(HELM)
 
 demo: setup
-	$(BIN)/tunectl submit ruozhiba-tiny
+	$(BIN)/tunectl submit ruozhiba-tiny --backend local
 
-test: setup tools
-	$(BIN)/pytest
+# TUNECTL_TOOLS: the tests find the Go tools where this Makefile put them, even with TOOLS overridden.
+test: setup tools cluster-tools
+	TUNECTL_TOOLS=$(TOOLS) TUNECTL_HELM=$(HELM) $(BIN)/pytest
 
 # Push and pull 1 GiB through tunectl and through `mc cp` against the same local MinIO (a benchmark, not a test).
 bench-s3: setup tools $(MC)
 	$(BIN)/python benchmarks/s3_transfer.py --minio $(MINIO) --mc $(MC)
 
+# Submit latency and 200 runs at once on the test control plane (a benchmark, not a test).
+bench-k8s: setup tools cluster-tools
+	TUNECTL_TOOLS=$(TOOLS) TUNECTL_HELM=$(HELM) $(BIN)/python benchmarks/k8s_submit.py
+
 lint: setup
-	$(BIN)/ruff check controller jobs tests
-	$(BIN)/ruff format --check controller jobs tests
+	$(BIN)/ruff check controller jobs tests benchmarks
+	$(BIN)/ruff format --check controller jobs tests benchmarks
 
 clean-venv:
 	rm -rf $(VENV)

@@ -10,6 +10,13 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    # tunectl renders Kubernetes runs with Helm: the pinned build `make cluster-tools` made, unless set already.
+    from cluster.controlplane import helm_path
+
+    os.environ.setdefault("TUNECTL_HELM", str(helm_path()))
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
     return tmp_path / "store"
@@ -20,7 +27,7 @@ def tunectl(store: Path):
     """Run the real `tunectl` command against a store of the test's own."""
 
     def run(*args: str, check: bool = False, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-        env = {**os.environ, "TUNECTL_STORE": str(store)}
+        env = {**os.environ, "TUNECTL_STORE": str(store), "TUNECTL_BACKEND": "local"}
         proc = subprocess.run(
             [sys.executable, "-m", "tunectl.cli", *args], capture_output=True, text=True, env=env, timeout=timeout
         )
@@ -60,3 +67,32 @@ def bucket(minio, request, monkeypatch) -> str:
         monkeypatch.setenv(k, v)
     monkeypatch.setenv("TUNECTL_S3_CACHE", str(Path(request.getfixturevalue("tmp_path")) / "s3-cache"))
     return name
+
+
+@pytest.fixture(scope="session")
+def cluster(tmp_path_factory):
+    """One Kubernetes control plane for the session (tests take a namespace each): etcd, kube-apiserver,
+    kube-controller-manager and kube-scheduler on 127.0.0.1, kwok as the kubelet of two fake GPU nodes, kwok-gpu-0
+    and kwok-gpu-1 (8 nvidia.com/gpu, 64 cpu, 512Gi, 110 pods each). With TUNECTL_TEST_KUBECONFIG set, the cluster
+    that kubeconfig points at instead (e.g. kind), with `cluster.kwok` False so kwok-only tests can skip."""
+    from cluster.controlplane import ControlPlane, ExternalCluster
+
+    external = os.environ.get("TUNECTL_TEST_KUBECONFIG")
+    if external:
+        yield ExternalCluster(Path(external))
+        return
+    cp = ControlPlane(tmp_path_factory.mktemp("k8s"))
+    cp.start()
+    try:
+        cp.add_nodes(2, gpus=8, cpu="64", memory="512Gi", pods=110, prefix="kwok-gpu")
+        yield cp
+    finally:
+        cp.stop()
+
+
+@pytest.fixture
+def namespace(cluster, request) -> str:
+    """A fresh namespace named after the test, deleted (without waiting) afterwards."""
+    name = cluster.new_namespace(request.node.name)
+    yield name
+    cluster.delete_namespace(name)

@@ -52,6 +52,53 @@ def _backend(ctx: click.Context):  # -> LocalBackend
     return LocalBackend(open_store(ctx.obj["store"]))
 
 
+def _kube(ctx: click.Context, context: str | None, namespace: str | None):  # -> KubernetesBackend
+    from .kube import Cluster, KubernetesBackend
+
+    return KubernetesBackend(Cluster(context, namespace), ctx.obj["store"] or default_store_uri())
+
+
+def _which(backend: str) -> str:
+    if backend != "auto":
+        return backend
+    from .kube import kubeconfig_present
+
+    return "kubernetes" if kubeconfig_present() else "local"
+
+
+def cluster_options(f):
+    """--backend, --context and --namespace, shared by every command that finds runs."""
+    f = click.option("--namespace", "-n", envvar="TUNECTL_NAMESPACE", default=None, help="Kubernetes namespace")(f)
+    f = click.option("--context", envvar="TUNECTL_CONTEXT", default=None, help="kubeconfig context")(f)
+    return click.option(
+        "--backend",
+        envvar="TUNECTL_BACKEND",
+        type=click.Choice(["auto", "local", "kubernetes"]),
+        default="auto",
+        show_default=True,
+        help="where runs live; auto = kubernetes when a kubeconfig is configured, else local [env TUNECTL_BACKEND]",
+    )(f)
+
+
+def _find(ctx: click.Context, run: str, backend: str, context: str | None, namespace: str | None):
+    """The backend that holds RUN: the chosen one, or with auto the cluster, then the local store."""
+    chosen = _which(backend)
+    if chosen == "local":
+        return _backend(ctx)
+    be = _kube(ctx, context, namespace)
+    if backend == "auto":
+        try:
+            be.status(run)
+        except TunectlError as cluster_error:
+            local = _backend(ctx)
+            try:
+                local.run_record(run)
+            except TunectlError:
+                raise cluster_error from None
+            return local
+    return be
+
+
 def _emit_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
 
@@ -80,17 +127,62 @@ def recipes_show(recipe: str, overrides: tuple[str, ...]) -> None:
 # -- runs ----------------------------------------------------------------------------------------------
 
 
+_VALUES_HELP = "chart values file for Kubernetes runs (repeatable)"
+_HELM_SET_HELP = "override a chart value, e.g. --helm-set stages.train.gpus=2 (repeatable)"
+
+
 @cli.command()
 @click.argument("recipe")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@cluster_options
+@click.option("--values", "-f", "values", multiple=True, type=click.Path(path_type=Path), help=_VALUES_HELP)
+@click.option("--helm-set", "helm_sets", multiple=True, metavar="KEY=VALUE", help=_HELM_SET_HELP)
+@click.option("--run", "run_id", default=None, help="run id (Kubernetes: submitting the same id again is a no-op)")
 @click.option(
-    "--backend", type=click.Choice(["local"]), default="local", show_default=True, help="where the stages run"
+    "--wait", is_flag=True, help="Kubernetes: follow the run to its end, releasing stages like the reconciler"
 )
+@click.option("--poll-seconds", default=10.0, show_default=True, help="with --wait: how often to check the store")
 @click.option("--quiet", "-q", is_flag=True, help="do not stream stage output (it still goes to the logs)")
 @click.pass_context
-def submit(ctx: click.Context, recipe: str, overrides: tuple[str, ...], backend: str, quiet: bool) -> None:
-    """Run RECIPE's pipeline: train -> merge -> gguf."""
+def submit(
+    ctx: click.Context,
+    recipe: str,
+    overrides: tuple[str, ...],
+    backend: str,
+    context: str | None,
+    namespace: str | None,
+    values: tuple[Path, ...],
+    helm_sets: tuple[str, ...],
+    run_id: str | None,
+    wait: bool,
+    poll_seconds: float,
+    quiet: bool,
+) -> None:
+    """Run RECIPE's pipeline: train -> merge -> gguf, here (local) or as Kubernetes Jobs."""
     r = load_recipe(recipe, list(overrides))
+    if _which(backend) == "kubernetes":
+        from .kube import echo_stderr
+
+        be = _kube(ctx, context, namespace)
+        run, docs = be.render(r, run_id, values, helm_sets)
+        stages = " -> ".join(
+            d["metadata"]["labels"]["tunectl.dev/stage"]
+            for d in docs[::-1]
+            if d["kind"] == "Job" and "tunectl.dev/stage" in d["metadata"]["labels"]
+        )
+        new = be.submit(run, docs, echo_stderr)
+        where = f"namespace {be.namespace} (context {be.cluster.context})"
+        click.echo(f"run {run} {'submitted to' if new else 'already exists in'} {where}: {stages}", err=True)
+        click.echo(run)
+        if wait:
+            be.wait(run, poll_seconds, echo_stderr)
+            s = be.status(run)
+            _print_status(s)
+            if s["state"] != "succeeded":
+                sys.exit(1)
+        return
+    if values or helm_sets or wait or run_id:
+        raise ConfigError("--values, --helm-set, --run and --wait are for Kubernetes runs (--backend kubernetes)")
     be = _backend(ctx)
     run = be.create(r)
     click.echo(f"run {run}: stages {' -> '.join(be.run_record(run)['stages'])}, store {be.store.uri}", err=True)
@@ -102,18 +194,80 @@ def submit(ctx: click.Context, recipe: str, overrides: tuple[str, ...], backend:
     _print_status(be.status(run))
 
 
+@cli.command()
+@click.argument("recipe")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
+@click.option("--values", "-f", "values", multiple=True, type=click.Path(path_type=Path), help=_VALUES_HELP)
+@click.option("--helm-set", "helm_sets", multiple=True, metavar="KEY=VALUE", help=_HELM_SET_HELP)
+@click.option("--namespace", "-n", default="default", show_default=True)
+@click.option("--run", "run_id", default=None, help="run id [default: a new one]")
+@click.pass_context
+def render(
+    ctx: click.Context,
+    recipe: str,
+    overrides: tuple[str, ...],
+    values: tuple[Path, ...],
+    helm_sets: tuple[str, ...],
+    namespace: str,
+    run_id: str | None,
+) -> None:
+    """Print the Kubernetes objects a run of RECIPE would create (no cluster needed)."""
+    from .render import render_run, to_yaml
+
+    store = ctx.obj["store"] or default_store_uri()
+    _, docs = render_run(load_recipe(recipe, list(overrides)), store, namespace, run_id, values, helm_sets)
+    click.echo(to_yaml(docs), nl=False)
+
+
+@cli.command(hidden=False)
+@click.argument("run")
+@click.option("--namespace", "-n", envvar="TUNECTL_NAMESPACE", default=None)
+@click.option("--context", envvar="TUNECTL_CONTEXT", default=None)
+@click.option("--poll-seconds", default=15.0, show_default=True, help="how often to check the store while waiting")
+@click.option("--timeout", default=None, type=float, help="give up after this many seconds")
+def reconcile(run: str, namespace: str | None, context: str | None, poll_seconds: float, timeout: float | None) -> None:
+    """Release RUN's waiting stages as their upstream manifests complete (what the in-cluster reconciler runs)."""
+    import resource
+
+    from .kube import Cluster, echo_stderr
+    from .reconcile import Reconciler
+
+    cluster = Cluster(context, namespace)
+    r = Reconciler(cluster.batch, cluster.namespace, run, poll_seconds=poll_seconds, echo=echo_stderr)
+    try:
+        states = r.run_until_done(timeout)
+    except TimeoutError as e:
+        raise TunectlError(str(e)) from None
+    except Exception as e:  # noqa: BLE001 - API failures become one line; the Job restarts us
+        from kubernetes.client.exceptions import ApiException
+
+        if isinstance(e, ApiException):
+            raise cluster.explain(e, f"reconciling {run}") from None
+        raise
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    summary = ", ".join(f"{k} {v}" for k, v in states.items())
+    echo_stderr(
+        f"run {run} finished ({summary}); {r.requests} API requests, cpu {usage.ru_utime + usage.ru_stime:.2f}s"
+    )
+
+
 @cli.command("list")
+@cluster_options
 @click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table")
 @click.pass_context
-def list_runs(ctx: click.Context, output: str) -> None:
-    """List runs in the store, oldest first."""
-    be = _backend(ctx)
-    rows = [be.status(run) for run in be.store.list_runs()]
+def list_runs(ctx: click.Context, backend: str, context: str | None, namespace: str | None, output: str) -> None:
+    """List runs (in the store, or in the cluster's namespace), oldest first."""
+    if _which(backend) == "kubernetes":
+        kb = _kube(ctx, context, namespace)
+        rows, where = kb.list_runs(), f"namespace {kb.namespace}"
+    else:
+        be = _backend(ctx)
+        rows, where = [be.status(run) for run in be.store.list_runs()], be.store.uri
     if output == "json":
         _emit_json([{k: s[k] for k in ("run", "recipe", "state", "created", "backend")} for s in rows])
         return
     if not rows:
-        click.echo(f"no runs in {be.store.uri}")
+        click.echo(f"no runs in {where}")
         return
     click.echo(f"{'RUN':<40} {'STATE':<11} {'CREATED':<26} BACKEND")
     for s in rows:
@@ -139,7 +293,8 @@ def _metric_summary(stage: dict[str, Any]) -> str:
 
 
 def _print_status(s: dict[str, Any]) -> None:
-    click.echo(f"run {s['run']} ({s['recipe']}, {s['backend']}): {s['state']}")
+    where = f", namespace {s['namespace']}" if "namespace" in s else ""
+    click.echo(f"run {s['run']} ({s['recipe']}, {s['backend']}{where}): {s['state']}")
     click.echo(f"{'STAGE':<7} {'STATE':<11} {'SECONDS':>8}  DETAILS")
     for st in s["stages"]:
         secs = f"{st['seconds']:.1f}" if "seconds" in st else "-"
@@ -152,11 +307,12 @@ def _print_status(s: dict[str, Any]) -> None:
 
 @cli.command()
 @click.argument("run")
+@cluster_options
 @click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table")
 @click.pass_context
-def status(ctx: click.Context, run: str, output: str) -> None:
-    """Show RUN's stages: state, timings and key metrics."""
-    s = _backend(ctx).status(run)
+def status(ctx: click.Context, run: str, backend: str, context: str | None, namespace: str | None, output: str) -> None:
+    """Show RUN's stages: state, reason, timings and key metrics."""
+    s = _find(ctx, run, backend, context, namespace).status(run)
     if output == "json":
         _emit_json(s)
     else:
@@ -166,16 +322,50 @@ def status(ctx: click.Context, run: str, output: str) -> None:
 @cli.command()
 @click.argument("run")
 @click.option("--stage", type=click.Choice(["train", "merge", "gguf"]), default=None, help="only this stage")
+@click.option("--follow", "-f", is_flag=True, help="Kubernetes: stream the stage's log until it ends")
+@cluster_options
 @click.pass_context
-def logs(ctx: click.Context, run: str, stage: str | None) -> None:
+def logs(
+    ctx: click.Context,
+    run: str,
+    stage: str | None,
+    follow: bool,
+    backend: str,
+    context: str | None,
+    namespace: str | None,
+) -> None:
     """Print RUN's stage logs."""
-    parts = _backend(ctx).logs(run, stage)
+    be = _find(ctx, run, backend, context, namespace)
+    if hasattr(be, "cluster"):
+        last = None
+        for name, text in be.logs(run, stage, follow):
+            if stage is None and name != last:
+                click.echo(f"===== {name} =====")
+                last = name
+            click.echo(text, nl=False)
+        return
+    if follow:
+        raise ConfigError("--follow is for Kubernetes runs; a local run streams while it runs")
+    parts = be.logs(run, stage)
     if not parts:
         click.echo(f"run {run} has no logs yet", err=True)
     for name, text in parts:
         if len(parts) > 1:
             click.echo(f"===== {name} =====")
         click.echo(text, nl=False)
+
+
+@cli.command()
+@click.argument("run")
+@cluster_options
+@click.pass_context
+def cancel(ctx: click.Context, run: str, backend: str, context: str | None, namespace: str | None) -> None:
+    """Stop RUN on the cluster: its Jobs, pods, ConfigMap and RBAC are deleted; artifacts stay in the store."""
+    if _which(backend) != "kubernetes":
+        raise ConfigError("cancel is for Kubernetes runs; stop a local run with Ctrl-C")
+    be = _kube(ctx, context, namespace)
+    counts = be.cancel(run)
+    click.echo(f"run {run} cancelled: deleted {counts['jobs']} Jobs and {counts['pods']} pods; artifacts kept")
 
 
 @cli.command("pull")

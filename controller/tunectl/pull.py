@@ -25,8 +25,10 @@ class Selection:
 
 
 def plan(store: Store, run: str, stage: str | None, quant: str | None) -> list[Selection]:
-    """Which files of which stages to pull; errors list what exists."""
-    if store.read_json(f"runs/{run}/run.json") is None:
+    """Which files of which stages to pull; errors list what exists. A run is known by its record (local runs)
+    or by any stage manifest (Kubernetes runs keep their record in the cluster)."""
+    manifests = {s: store.manifest(run, s) for s in STAGES}
+    if store.read_json(f"runs/{run}/run.json") is None and not any(manifests.values()):
         known = store.list_runs()
         raise TunectlError(f"no run '{run}' in {store.uri}" + (f"; runs: {', '.join(known[-5:])}" if known else ""))
     if quant is not None:
@@ -36,11 +38,11 @@ def plan(store: Store, run: str, stage: str | None, quant: str | None) -> list[S
     stages = [stage] if stage else list(STAGES)
     out = []
     for s in stages:
-        manifest = store.manifest(run, s)
+        manifest = manifests[s]
         if manifest is None:
             if stage is None:
                 continue
-            done = [x for x in STAGES if store.manifest(run, x) is not None]
+            done = [x for x in STAGES if manifests[x] is not None]
             raise TunectlError(f"run {run} has no completed {s} stage (completed: {', '.join(done) or 'none'})")
         select = None
         if s == "gguf" and quant is not None:

@@ -1,0 +1,160 @@
+"""What a run's Jobs and pods say about each stage, in words a user can act on.
+
+Pure functions over the objects as the API returns them (camelCase dicts), so every reason is testable
+without a cluster: waiting for upstream, unschedulable (Insufficient nvidia.com/gpu), image pull errors,
+OOMKilled, failed with exit code N, succeeded.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from .errors import EXIT_CONFIG_ERROR
+
+LABEL_RUN = "tunectl.dev/run"
+LABEL_STAGE = "tunectl.dev/stage"
+ANN_AFTER = "tunectl.dev/after"
+ANN_BLOCKED = "tunectl.dev/blocked"
+ANN_RELEASED = "tunectl.dev/released"
+ANN_STORE = "tunectl.dev/store"
+ANN_STAGES = "tunectl.dev/stages"
+ANN_QUEUE = "tunectl.dev/queue-name"
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+
+FINAL = ("succeeded", "failed", "skipped")
+
+
+def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for c in (obj.get("status") or {}).get("conditions") or []:
+        if c.get("type") == kind and c.get("status") == "True":
+            return c
+    return None
+
+
+def job_outcome(job: dict[str, Any]) -> str | None:
+    """ "succeeded", "failed", or None while the Job is not finished."""
+    if condition(job, "Complete"):
+        return "succeeded"
+    if condition(job, "Failed"):
+        return "failed"
+    return None
+
+
+def annotations(obj: dict[str, Any]) -> dict[str, str]:
+    return obj.get("metadata", {}).get("annotations") or {}
+
+
+def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        t = (cs.get("state") or {}).get("terminated")
+        if t:
+            return t
+    return None
+
+
+def _waiting_reason(pod: dict[str, Any]) -> str | None:
+    for cs in (pod.get("status") or {}).get("containerStatuses") or []:
+        w = (cs.get("state") or {}).get("waiting")
+        if w and w.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
+            msg = (w.get("message") or "").strip()
+            return f"{w['reason']}: {msg}" if msg else w["reason"]
+    return None
+
+
+def _unschedulable(pod: dict[str, Any]) -> str | None:
+    for c in (pod.get("status") or {}).get("conditions") or []:
+        if c.get("type") == "PodScheduled" and c.get("status") == "False":
+            # The scheduler's preemption postscript repeats the same facts; the first sentence says what to fix.
+            return "unschedulable: " + (c.get("message") or c.get("reason") or "").split(" preemption:")[0].strip()
+    return None
+
+
+def _exit_text(term: dict[str, Any]) -> str:
+    code = term.get("exitCode")
+    if term.get("reason") == "OOMKilled":
+        return f"OOMKilled (exit code {code}): raise the stage's memory limit"
+    if code == EXIT_CONFIG_ERROR:
+        return f"failed with exit code {code} (configuration error, not retried)"
+    return f"failed with exit code {code}"
+
+
+def _newest(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
+
+
+def stage_status(stage: str, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> dict[str, Any]:
+    """One stage's state and reason from its Job and that Job's pods."""
+    if job is None:
+        return {"stage": stage, "state": "missing", "reason": "no Job (deleted, cancelled or expired by its TTL)"}
+    st = job.get("status") or {}
+    out: dict[str, Any] = {"stage": stage, "job": job["metadata"]["name"]}
+    if st.get("startTime"):
+        out["started"] = st["startTime"]
+    if st.get("completionTime"):
+        out["finished"] = st["completionTime"]
+    failed_pods = [p for p in _newest(pods) if (p.get("status") or {}).get("phase") == "Failed"]
+    attempts = (st.get("failed") or 0) + (st.get("succeeded") or 0) + (st.get("active") or 0)
+    if attempts > 1:
+        out["attempts"] = attempts
+    outcome = job_outcome(job)
+    if outcome == "succeeded":
+        return {**out, "state": "succeeded"}
+    if outcome == "failed":
+        cond = condition(job, "Failed") or {}
+        if cond.get("lastTransitionTime"):
+            out["finished"] = cond["lastTransitionTime"]
+        term = next((t for t in map(_terminated, failed_pods) if t), None)
+        if term is not None:
+            out["exit_code"] = term.get("exitCode")
+            reason = _exit_text(term)
+        else:
+            reason = cond.get("message") or cond.get("reason") or "failed"
+        if cond.get("reason") == "BackoffLimitExceeded":
+            reason += f" (after {attempts} attempts)"
+        elif cond.get("reason") == "DeadlineExceeded":
+            reason = "ran past its activeDeadlineSeconds"
+        return {**out, "state": "failed", "reason": reason}
+    ann = annotations(job)
+    if ann.get(ANN_BLOCKED):
+        return {**out, "state": "skipped", "reason": ann[ANN_BLOCKED]}
+    if (job.get("spec") or {}).get("suspend"):
+        if ann.get(ANN_RELEASED):
+            return {**out, "state": "pending", "reason": f"queued in Kueue queue {ann.get(ANN_QUEUE, '')}".rstrip()}
+        after = ann.get(ANN_AFTER)
+        return {**out, "state": "waiting", "reason": f"waiting for {after}" if after else "suspended"}
+    live = [p for p in _newest(pods) if (p.get("status") or {}).get("phase") in ("Pending", "Running", None)]
+    retry_note = ""
+    if failed_pods:
+        term = _terminated(failed_pods[0])
+        retry_note = f"; retrying after {_exit_text(term) if term else 'a failed pod'}"
+    if not live:
+        return {**out, "state": "pending", "reason": "creating its pod" + retry_note}
+    pod = live[0]
+    phase = (pod.get("status") or {}).get("phase")
+    if phase == "Running":
+        node = (pod.get("spec") or {}).get("nodeName")
+        return {**out, "state": "running", "reason": f"on node {node}" + retry_note if node else retry_note[2:]}
+    why = _unschedulable(pod) or _waiting_reason(pod) or "pod starting"
+    return {**out, "state": "pending", "reason": why + retry_note}
+
+
+def run_state(stages: list[dict[str, Any]]) -> str:
+    states = [s["state"] for s in stages]
+    if all(s == "succeeded" for s in states):
+        return "succeeded"
+    if "failed" in states:
+        return "failed"
+    if "missing" in states:
+        return "incomplete"
+    if "running" in states:
+        return "running"
+    return "pending"
+
+
+def seconds(stage: dict[str, Any], now: datetime) -> float | None:
+    if "started" not in stage:
+        return None
+    start = datetime.fromisoformat(stage["started"].replace("Z", "+00:00"))
+    end = datetime.fromisoformat(stage["finished"].replace("Z", "+00:00")) if "finished" in stage else now
+    return round((end - start).total_seconds(), 1)

@@ -1,0 +1,231 @@
+"""The Helm chart: lint, render under several values scenarios, strict validation of every object by a real
+kube-apiserver (server-side dry run, fieldValidation=Strict), and values typos rejected by values.schema.json."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tunectl.errors import ConfigError
+from tunectl.recipe import load_recipe
+from tunectl.render import chart_dir, helm_binary, render
+
+STORE = "s3://tunectl-artifacts/team-a"
+RUN = "ruozhiba-tiny-20261127-120000-abcd"
+
+SCENARIOS = {
+    "defaults": [],
+    "everything-set": [
+        "image.registry=registry.example.com/ml/",
+        "image.tag=1.2.3",
+        "imagePullSecrets[0].name=regcred",
+        "s3.endpoint=http://minio.minio.svc:9000",
+        "s3.credentialsSecret=s3-creds",
+        "huggingFace.tokenSecret=hf-token",
+        "kueue.queueName=gpu-queue",
+        "scheduling.priorityClassName=batch-low",
+        "scheduling.tolerations[0].key=nvidia.com/gpu",
+        "scheduling.tolerations[0].operator=Exists",
+        "scheduling.tolerations[0].effect=NoSchedule",
+        "stages.gguf.nodeSelector.pool=cpu",
+        "stages.train.gpus=2",
+        "stages.train.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+        ".nodeSelectorTerms[0].matchExpressions[0].key=gpu.product",
+        "stages.train.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+        ".nodeSelectorTerms[0].matchExpressions[0].operator=In",
+        "stages.train.affinity.nodeAffinity.requiredDuringSchedulingIgnoredDuringExecution"
+        ".nodeSelectorTerms[0].matchExpressions[0].values[0]=H100",
+    ],
+    "no-reconciler": ["reconciler.enabled=false"],
+}
+
+
+@pytest.fixture(scope="module")
+def recipe():
+    return load_recipe("ruozhiba-tiny")
+
+
+def rendered(recipe, sets=(), namespace="ml"):
+    return render(recipe, RUN, STORE, namespace, (), tuple(sets))
+
+
+def by_kind(docs, kind):
+    return [d for d in docs if d["kind"] == kind]
+
+
+def test_helm_lint_strict():
+    proc = subprocess.run(
+        [helm_binary(), "lint", "--strict", str(chart_dir()), "--set", f"run.store={STORE}", "--set", "recipe=x"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "0 chart(s) failed" in proc.stdout
+
+
+def test_helm_template_works_on_its_own(tmp_path: Path):
+    """Without tunectl: the release name is the run id, the recipe comes from a file."""
+    recipe_file = tmp_path / "recipe.yaml"
+    recipe_file.write_text(load_recipe("ruozhiba").to_yaml())
+    proc = subprocess.run(
+        [helm_binary(), "template", "my-run", str(chart_dir()), "--set", f"run.store={STORE}"]
+        + ["--set-file", f"recipe={recipe_file}"],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 0, proc.stderr
+    names = [d["metadata"]["name"] for d in yaml.safe_load_all(proc.stdout) if d]
+    assert {"my-run-train", "my-run-merge", "my-run-gguf", "my-run-reconciler", "my-run-recipe"} <= set(names)
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_scenario_objects(recipe, scenario):
+    docs = rendered(recipe, SCENARIOS[scenario])
+    jobs = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in by_kind(docs, "Job")}
+    stages = ["train", "merge", "gguf"]
+    assert set(jobs) == set(stages) | ({"reconciler"} if scenario != "no-reconciler" else set())
+    for doc in docs:
+        labels = doc["metadata"]["labels"]
+        assert labels["tunectl.dev/run"] == RUN and labels["app.kubernetes.io/instance"] == RUN
+        assert labels["app.kubernetes.io/managed-by"] == "tunectl" and labels["app.kubernetes.io/name"] == "tunectl"
+        assert doc["metadata"]["namespace"] == "ml"
+    for i, stage in enumerate(stages):
+        spec = jobs[stage]["spec"]
+        pod = spec["template"]["spec"]
+        [c] = pod["containers"]
+        assert spec["suspend"] is (i > 0)
+        assert jobs[stage]["metadata"]["annotations"].get("tunectl.dev/after") == (stages[i - 1] if i else None)
+        assert spec["template"]["metadata"]["labels"]["tunectl.dev/stage"] == stage
+        rules = spec["podFailurePolicy"]["rules"]
+        assert rules[0] == {
+            "action": "FailJob",
+            "onExitCodes": {"containerName": stage, "operator": "In", "values": [78]},
+        }
+        assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+        assert spec["backoffLimit"] >= 0 and spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] > 0
+        assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
+        assert pod["securityContext"]["runAsNonRoot"] is True
+        assert pod["securityContext"]["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert c["securityContext"]["capabilities"]["drop"] == ["ALL"]
+        assert c["securityContext"]["allowPrivilegeEscalation"] is False
+        assert c["command"] == ["python", "-m", f"tunectl_jobs.{stage}"]
+        assert c["args"] == ["--recipe", "/etc/tunectl/recipe.yaml", "--store", STORE, "--run", RUN]
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert {"/etc/tunectl", "/scratch", "/dev/shm"} <= set(mounts)
+        vols = {v["name"]: v for v in pod["volumes"]}
+        assert vols["dshm"]["emptyDir"]["medium"] == "Memory"
+        assert vols["recipe"]["configMap"]["name"] == f"{RUN}-recipe"
+        # GPUs only as a limit (extended resources need no request), and only where asked.
+        assert "nvidia.com/gpu" not in c["resources"].get("requests", {})
+    assert (
+        jobs["gguf"]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"].get("nvidia.com/gpu") is None
+    )
+    [cm] = by_kind(docs, "ConfigMap")
+    assert load_recipe("ruozhiba-tiny").to_yaml() == cm["data"]["recipe.yaml"]
+
+
+def test_everything_set_reaches_the_objects(recipe):
+    docs = rendered(recipe, SCENARIOS["everything-set"])
+    jobs = {d["metadata"]["labels"]["app.kubernetes.io/component"]: d for d in by_kind(docs, "Job")}
+    train = jobs["train"]["spec"]["template"]["spec"]
+    gguf = jobs["gguf"]["spec"]["template"]["spec"]
+    assert train["containers"][0]["image"] == "registry.example.com/ml/tunectl-train:1.2.3"
+    assert train["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert train["imagePullSecrets"] == [{"name": "regcred"}]
+    assert train["priorityClassName"] == "batch-low"
+    assert train["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert train["affinity"]["nodeAffinity"]
+    assert gguf["nodeSelector"] == {"pool": "cpu"} and "nodeSelector" not in train
+    # Kueue: the first stage is queued at once; later ones carry the queue name for the reconciler to apply.
+    assert jobs["train"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-queue"
+    assert "kueue.x-k8s.io/queue-name" not in jobs["merge"]["metadata"]["labels"]
+    assert jobs["merge"]["metadata"]["annotations"]["tunectl.dev/queue-name"] == "gpu-queue"
+    env = {e["name"]: e for e in train["containers"][0]["env"]}
+    assert env["AWS_ENDPOINT_URL"]["value"] == "http://minio.minio.svc:9000"
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {
+        "name": "s3-creds",
+        "key": "AWS_SECRET_ACCESS_KEY",
+    }
+    assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+
+
+@pytest.mark.parametrize("scenario", sorted(SCENARIOS))
+def test_credentials_only_by_secret_reference(recipe, scenario):
+    docs = rendered(recipe, SCENARIOS[scenario])
+    assert not by_kind(docs, "Secret")
+    for job in by_kind(docs, "Job"):
+        for env in job["spec"]["template"]["spec"]["containers"][0]["env"]:
+            if re.search(r"KEY|SECRET|TOKEN|PASSWORD", env["name"]) and env["name"] != "AWS_ACCESS_KEY_ID":
+                assert "value" not in env, env
+    for role in by_kind(docs, "Role"):
+        for rule in role["rules"]:
+            assert "secrets" not in rule["resources"] and "*" not in rule["verbs"]
+
+
+def test_reconciler_rbac_is_scoped_to_this_run(recipe):
+    docs = rendered(recipe)
+    [role] = by_kind(docs, "Role")
+    writes = [r for r in role["rules"] if set(r["verbs"]) - {"get", "list", "watch"}]
+    assert writes == [
+        {
+            "apiGroups": ["batch"],
+            "resources": ["jobs"],
+            "resourceNames": [f"{RUN}-merge", f"{RUN}-gguf"],
+            "verbs": ["patch"],
+        }
+    ]
+    [binding] = by_kind(docs, "RoleBinding")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": f"{RUN}-reconciler", "namespace": "ml"}]
+
+
+def test_single_stage_run_needs_no_reconciler(recipe):
+    one = load_recipe("ruozhiba-tiny", ["export.lora=false", "export.merged_16bit=false", "export.gguf=[]"])
+    docs = rendered(one)
+    assert [d["metadata"]["name"] for d in by_kind(docs, "Job")] == [f"{RUN}-train"]
+    assert not by_kind(docs, "Role") and by_kind(docs, "Job")[0]["spec"]["suspend"] is False
+
+
+@pytest.mark.parametrize(
+    ("typo", "says"),
+    [
+        ("stages.train.gpu=1", "additional properties 'gpu' not allowed"),
+        ("reconciler.enable=false", "additional properties 'enable' not allowed"),
+        ("s3.endpoit=http://x", "additional properties 'endpoit' not allowed"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("stages.train.resources.request.cpu=2", "additional properties 'request' not allowed"),
+        ("stages.merge.gpus=-1", "/stages/merge/gpus"),
+        ("stages.train.resources.limits.memory=lots", "/stages/train/resources/limits/memory"),
+        ("run.stages={train,deploy}", "/run/stages/1"),
+    ],
+)
+def test_values_typos_are_rejected_by_the_schema(recipe, typo, says):
+    with pytest.raises(ConfigError) as e:
+        rendered(recipe, [typo])
+    assert str(e.value).startswith("chart values rejected: ")
+    assert says in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_server_side_strict_validation(recipe, cluster, namespace, monkeypatch):
+    """Every object of every scenario passes the real API server's strict validation (unknown or duplicate
+    fields are errors), without being created."""
+    from tunectl.kube import Cluster
+
+    monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
+    api = Cluster(namespace=namespace)
+    for scenario, sets in SCENARIOS.items():
+        for doc in rendered(recipe, sets, namespace=namespace):
+            assert api.create(doc, dry_run=True), f"{scenario}: {doc['kind']} {doc['metadata']['name']}"
+    assert api.batch.list_namespaced_job(namespace).items == []  # dry run: nothing was created
+
+
+def test_stage_command_can_be_replaced_and_keeps_the_run_arguments(recipe):
+    docs = rendered(recipe, ["stages.train.command={accelerate,launch,-m,tunectl_jobs.train}"])
+    train = next(d for d in by_kind(docs, "Job") if d["metadata"]["name"] == f"{RUN}-train")
+    [c] = train["spec"]["template"]["spec"]["containers"]
+    assert c["command"] == ["accelerate", "launch", "-m", "tunectl_jobs.train"]
+    assert c["args"] == ["--recipe", "/etc/tunectl/recipe.yaml", "--store", STORE, "--run", RUN]
