@@ -229,3 +229,14 @@ def test_stage_command_can_be_replaced_and_keeps_the_run_arguments(recipe):
     [c] = train["spec"]["template"]["spec"]["containers"]
     assert c["command"] == ["accelerate", "launch", "-m", "tunectl_jobs.train"]
     assert c["args"] == ["--recipe", "/etc/tunectl/recipe.yaml", "--store", STORE, "--run", RUN]
+
+
+def test_a_bad_run_id_is_refused_before_helm(recipe):
+    from tunectl.render import render_run
+
+    with pytest.raises(ConfigError, match="run id 'Bad_ID' must be lower-case"):
+        render_run(recipe, STORE, "ml", "Bad_ID")
+    with pytest.raises(ConfigError, match="at most 52 characters"):
+        render_run(recipe, STORE, "ml", "r" * 53)
+    with pytest.raises(ConfigError, match="Kubernetes runs hand artifacts over through S3"):
+        render_run(recipe, "/tmp/store", "ml", "ok-run")

@@ -38,7 +38,7 @@ class _Group(click.Group):
     envvar="TUNECTL_STORE",
     default=None,
     metavar="URI",
-    help=f"artifact store (directory or file:// URI) [env TUNECTL_STORE; default {default_store_uri()}]",
+    help=f"artifact store: a directory or s3://BUCKET[/PREFIX] [env TUNECTL_STORE; default {default_store_uri()}]",
 )
 @click.pass_context
 def cli(ctx: click.Context, store: str | None) -> None:

@@ -316,7 +316,7 @@ class KubernetesBackend:
                     if phase.status.phase in ("Succeeded", "Failed"):
                         ended_at = time.monotonic()
                 elif time.monotonic() - ended_at > grace:
-                    resp.close()
+                    resp.shutdown()  # unblocks the reader (close() would wait for its read to return)
                     return
                 continue
             if chunk is None:

@@ -20,7 +20,7 @@ from .errors import ConfigError, TunectlError
 from .local import stages_for
 from .recipe import Recipe
 from .refs import PACKAGE_PREFIX, resolve
-from .runid import new_run_id
+from .runid import is_run_id, new_run_id
 
 # "<run>-reconciler" must fit a 63-character object name.
 MAX_RUN_ID = 52
@@ -76,8 +76,10 @@ def render_run(
         raise ConfigError("Kubernetes runs need an S3 store: pass --store s3://BUCKET[/PREFIX] or set TUNECTL_STORE")
     check_portable(recipe)
     run = run or new_run_id(recipe.name, max_len=MAX_RUN_ID)
-    if len(run) > MAX_RUN_ID:
-        raise ConfigError(f"run id {run} is longer than {MAX_RUN_ID} characters")
+    if len(run) > MAX_RUN_ID or not is_run_id(run):
+        raise ConfigError(
+            f"run id '{run}' must be lower-case letters, digits and '-' (DNS-1123), at most {MAX_RUN_ID} characters"
+        )
     return run, render(recipe, run, store, namespace, values_files, sets)
 
 
