@@ -12,7 +12,7 @@ MC_VERSION    := v0.0.0-20250313080218-cf909e1063a9
 MINIO  := $(TOOLS)/minio-$(MINIO_VERSION)/minio
 MC     := $(TOOLS)/mc-$(MC_VERSION)/mc
 
-.PHONY: setup tools cluster-tools demo test lint bench-s3 bench-k8s clean-venv
+.PHONY: setup tools cluster-tools demo test lint bench-s3 bench-k8s images images-local clean-venv
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -74,6 +74,18 @@ test: setup tools cluster-tools
 # Push and pull 1 GiB through tunectl and through `mc cp` against the same local MinIO (a benchmark, not a test).
 bench-s3: setup tools $(MC)
 	$(BIN)/python benchmarks/s3_transfer.py --minio $(MINIO) --mc $(MC)
+
+# The four images (images/): `make images` with the Dockerfiles' GPU defaults (CUDA bases from a registry);
+# `make images-local` on a Debian base made here with debootstrap (no registry needed; CPU, no Unsloth).
+IMAGE_TAG ?= $(shell $(PYTHON) -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+LOCAL_BASE := tunectl-base:bookworm
+
+images:
+	images/build.sh --tag $(IMAGE_TAG)
+
+images-local:
+	images/base/build-local-base.sh $(LOCAL_BASE)
+	images/build.sh --tag $(IMAGE_TAG) --base $(LOCAL_BASE) --cpu
 
 # Submit latency and 200 runs at once on the test control plane (a benchmark, not a test).
 bench-k8s: setup tools cluster-tools

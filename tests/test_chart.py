@@ -240,3 +240,14 @@ def test_a_bad_run_id_is_refused_before_helm(recipe):
         render_run(recipe, STORE, "ml", "r" * 53)
     with pytest.raises(ConfigError, match="Kubernetes runs hand artifacts over through S3"):
         render_run(recipe, "/tmp/store", "ml", "ok-run")
+
+
+def test_chart_and_image_tags_follow_the_project_version():
+    import tomllib
+
+    import tunectl
+
+    version = tomllib.loads((chart_dir().parents[1] / "pyproject.toml").read_text())["project"]["version"]
+    chart = yaml.safe_load((chart_dir() / "Chart.yaml").read_text())
+    values = yaml.safe_load((chart_dir() / "values.yaml").read_text())
+    assert tunectl.__version__ == version == chart["appVersion"] == values["image"]["tag"]

@@ -203,12 +203,17 @@ class Reconciler:
                     allow_watch_bookmarks=True,
                 ):
                     obj = event["object"]
+                    if event["type"] == "ERROR":  # a Status, not a Job: usually 410, the window expired
+                        raise ApiException(status=obj.get("code", 500), reason=obj.get("message", "watch error"))
+                    if event["type"] == "BOOKMARK":  # only a newer resourceVersion (the client leaves it a dict)
+                        rv = obj["metadata"]["resourceVersion"]
+                        continue
                     rv = obj.metadata.resource_version
                     if event["type"] == "DELETED":
                         self._jobs.pop(obj.metadata.name, None)
-                    elif event["type"] != "BOOKMARK":
+                    else:
                         self._jobs[obj.metadata.name] = self._to_dict(obj)
-                    if event["type"] != "BOOKMARK" and self.step():
+                    if self.step():
                         break
                 else:
                     done = self.step()

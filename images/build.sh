@@ -1,0 +1,35 @@
+#!/bin/sh
+# Build the four tunectl images with one tag, then print their sizes.
+#   images/build.sh [--tag TAG] [--base IMAGE] [--cpu] [--registry PREFIX] [IMAGE...]
+# --base replaces every Dockerfile's BASE_IMAGE (their defaults are CUDA / Ubuntu / python-slim images from a
+# registry); --cpu builds train without Unsloth (no CUDA to build it against). The host's CA bundle is passed
+# to pip as a BuildKit secret, for networks that re-sign TLS.
+set -eu
+cd "$(dirname "$0")/.."
+version=$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
+tag=$version base= cpu= registry=
+while [ $# -gt 0 ]; do
+  case $1 in
+    --tag) tag=$2; shift 2 ;;
+    --base) base=$2; shift 2 ;;
+    --cpu) cpu=1; shift ;;
+    --registry) registry=$2; shift 2 ;;
+    -*) echo "unknown option $1" >&2; exit 2 ;;
+    *) break ;;
+  esac
+done
+images=${*:-controller train export gguf}
+ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+for image in $images; do
+  set -- --network host -f "images/$image/Dockerfile" --build-arg "VERSION=$version" -t "${registry}tunectl-$image:$tag"
+  [ -n "$base" ] && set -- "$@" --build-arg "BASE_IMAGE=$base"
+  [ -n "$cpu" ] && [ "$image" = train ] && set -- "$@" --build-arg WITH_UNSLOTH=0
+  [ -s "$ca" ] && set -- "$@" --secret "id=ca_bundle,src=$ca"
+  echo "== tunectl-$image:$tag" >&2
+  start=$(date +%s)
+  DOCKER_BUILDKIT=1 docker build "$@" .
+  echo "== tunectl-$image:$tag built in $(( $(date +%s) - start ))s" >&2
+done
+for image in $images; do
+  docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' "${registry}tunectl-$image:$tag"
+done
