@@ -2,7 +2,7 @@
 # Build the four tunectl images with one tag, then print their sizes.
 #   images/build.sh [--tag TAG] [--base IMAGE] [--cpu] [--registry PREFIX] [IMAGE...]
 # --base replaces every Dockerfile's BASE_IMAGE (their defaults are CUDA / Ubuntu / python-slim images from a
-# registry); --cpu builds train without Unsloth (no CUDA to build it against). The host's CA bundle is passed
+# registry); --cpu builds train and export without Unsloth (it needs CUDA). The host's CA bundle is passed
 # to pip as a BuildKit secret, for networks that re-sign TLS.
 set -eu
 cd "$(dirname "$0")/.."
@@ -19,17 +19,21 @@ while [ $# -gt 0 ]; do
   esac
 done
 images=${*:-controller train export gguf}
+# A Docker client from 23 on builds with BuildKit only through its buildx plugin; Debian's docker.io (20.10)
+# has BuildKit built in. Use $DOCKER, else `docker` if it can, else Debian's client.
+docker=${DOCKER:-docker}
+if [ -z "${DOCKER:-}" ] && ! docker buildx version >/dev/null 2>&1 && [ -x /usr/bin/docker ]; then docker=/usr/bin/docker; fi
 ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 for image in $images; do
   set -- --network host -f "images/$image/Dockerfile" --build-arg "VERSION=$version" -t "${registry}tunectl-$image:$tag"
   [ -n "$base" ] && set -- "$@" --build-arg "BASE_IMAGE=$base"
-  [ -n "$cpu" ] && [ "$image" = train ] && set -- "$@" --build-arg WITH_UNSLOTH=0
+  case "$cpu:$image" in 1:train|1:export) set -- "$@" --build-arg WITH_UNSLOTH=0 ;; esac
   [ -s "$ca" ] && set -- "$@" --secret "id=ca_bundle,src=$ca"
   echo "== tunectl-$image:$tag" >&2
   start=$(date +%s)
-  DOCKER_BUILDKIT=1 docker build "$@" .
+  DOCKER_BUILDKIT=1 $docker build "$@" .
   echo "== tunectl-$image:$tag built in $(( $(date +%s) - start ))s" >&2
 done
 for image in $images; do
-  docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' "${registry}tunectl-$image:$tag"
+  $docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' "${registry}tunectl-$image:$tag"
 done

@@ -71,7 +71,7 @@ def fetch(dest: Path | None = None) -> Path:
                 "download",
                 "--no-deps",
                 "--no-binary",
-                ":all:",
+                "llama-cpp-python",  # only it: its build dependencies may come as wheels
                 "-q",
                 "-d",
                 tmp,
