@@ -96,3 +96,38 @@ def namespace(cluster, request) -> str:
     name = cluster.new_namespace(request.node.name)
     yield name
     cluster.delete_namespace(name)
+
+
+def docker_client() -> str | None:
+    """A Docker client that can build with BuildKit: $DOCKER, `docker` with buildx, or Debian's docker.io."""
+    import shutil
+
+    if os.environ.get("DOCKER"):
+        return os.environ["DOCKER"]
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "buildx", "version"], capture_output=True).returncode == 0:
+        return docker
+    return "/usr/bin/docker" if Path("/usr/bin/docker").is_file() else docker
+
+
+@pytest.fixture(scope="session")
+def images(tmp_path_factory):
+    """The four images, built as `make images-local` builds them (Debian base from debootstrap, CPU); Docker's
+    layer cache makes a rebuild with unchanged sources take seconds. Skips where no Docker engine answers."""
+    from types import SimpleNamespace
+
+    docker = docker_client()
+    if not docker or subprocess.run([docker, "info"], capture_output=True).returncode != 0:
+        pytest.skip("no Docker engine answers here (CI starts one with .ci/docker-up)")
+    log = tmp_path_factory.mktemp("images") / "build.log"
+    env = {**os.environ, "DOCKER": docker}
+    with open(log, "w") as out:
+        for cmd in (
+            ["images/base/build-local-base.sh", "tunectl-base:bookworm"],
+            ["images/build.sh", "--base", "tunectl-base:bookworm", "--cpu"],
+        ):
+            if subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env).returncode != 0:
+                raise AssertionError(f"{' '.join(cmd)} failed:\n{log.read_text()[-4000:]}")
+    from tunectl import __version__
+
+    return SimpleNamespace(docker=docker, tag=__version__, log=log)

@@ -34,6 +34,7 @@ class Kube:
     env: dict[str, str]
     workdir: Path
     _backend: KubernetesBackend | None = None
+    docker: str | None = None  # run pods as containers of the built images instead of local processes
 
     def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
@@ -55,7 +56,7 @@ class Kube:
         """Our control plane: run the pods (or fake their exits) as `modes` say. A real cluster runs its own."""
         if not self.cluster.kwok:
             return contextlib.nullcontext()
-        return PodRunner(self.cluster, self.namespace, self.workdir / "pods", modes)
+        return PodRunner(self.cluster, self.namespace, self.workdir / "pods", modes, docker=self.docker)
 
     def needs_kwok(self) -> None:
         if not self.cluster.kwok:
@@ -119,10 +120,15 @@ def test_render_needs_no_cluster(kube):
 
 
 @pytest.mark.e2e
-def test_pipeline_runs_in_order_on_the_cluster(kube, bucket):
+@pytest.mark.parametrize("runtime", ["process", pytest.param("docker", marks=pytest.mark.docker)])
+def test_pipeline_runs_in_order_on_the_cluster(kube, bucket, runtime, request):
     """The tiny recipe, every stage's real program: train, then merge, then gguf, each released by the
-    in-cluster reconciler (run as its own ServiceAccount) when the upstream manifest is in MinIO."""
+    in-cluster reconciler (run as its own ServiceAccount) when the upstream manifest is in MinIO. With the
+    docker runtime every pod runs in its image as the chart specifies it (user, read-only root, no
+    capabilities, volumes), the reconciler with the in-cluster configuration a kubelet would mount."""
     kube.needs_kwok()
+    if runtime == "docker":
+        kube.docker = request.getfixturevalue("images").docker
     from tunectl.store import open_store
 
     with kube.runner() as runner:
@@ -186,6 +192,28 @@ def test_pipeline_runs_in_order_on_the_cluster(kube, bucket):
     dest = kube.workdir / "pulled"
     kube.cli("pull", run, "--stage", "gguf", "--quant", "q4_k_m", "--to", str(dest), timeout=300)
     assert any(p.suffix == ".gguf" for p in dest.rglob("*"))
+
+    if runtime == "docker":
+        # The gguf image needs no network at all: merge's output in a directory store, converted offline.
+        offline = kube.workdir / "offline-store"
+        kube.cli("pull", run, "--stage", "merge", "--to", str(offline / "runs" / run), timeout=300)
+        cm = kube.backend().cluster.core.read_namespaced_config_map(f"{run}-recipe", kube.namespace)
+        recipe_dir = kube.workdir / "offline-recipe"
+        recipe_dir.mkdir()
+        (recipe_dir / "recipe.yaml").write_text(cm.data["recipe.yaml"])
+        for p in [offline, *offline.rglob("*")]:
+            p.chmod(0o777 if p.is_dir() else 0o666)
+        scratch = kube.workdir / "offline-scratch"
+        scratch.mkdir()
+        scratch.chmod(0o1777)
+        cmd = [kube.docker, "run", "--rm", "--network", "none", "--user", "1000:1000", "--read-only", "--cap-drop"]
+        cmd += ["ALL", "-v", f"{scratch}:/scratch", "-v", f"{scratch}:/tmp", "-v", f"{offline}:/store"]
+        cmd += ["-v", f"{recipe_dir}:/etc/tunectl:ro", f"tunectl-gguf:{request.getfixturevalue('images').tag}"]
+        cmd += ["--recipe", "/etc/tunectl/recipe.yaml", "--store", "/store", "--run", run]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        manifest = json.loads((offline / "runs" / run / "gguf" / "manifest.json").read_text())
+        assert {v["finish_reason"] for v in manifest["metrics"]["smoke"].values()} == {"stop"}
 
 
 def test_config_error_fails_the_run_at_once(kube):

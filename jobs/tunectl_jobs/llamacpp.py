@@ -90,7 +90,10 @@ def fetch(dest: Path | None = None) -> Path:
             ]
             for m in members:
                 m.name = m.name[len(prefix) :]
-            tar.extractall(staging, members=members, filter="data")
+            # Python < 3.11.4 (Debian bookworm's 3.11.2) has no extraction filters: keep plain files and dirs only.
+            safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+            members = [m for m in members if (m.isfile() or m.isdir()) and ".." not in m.name.split("/")]
+            tar.extractall(staging, members=members, **safe)
         dest.parent.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(dest, ignore_errors=True)
         shutil.move(str(staging), dest)

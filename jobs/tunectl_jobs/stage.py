@@ -141,6 +141,9 @@ def run_stage(name: str, body: Callable[[StageContext], None], argv: list[str] |
     except TunectlError as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return EXIT_FAILURE
+    except OSError as e:  # a full or read-only disk, a missing mount: the environment, maybe not this input
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return EXIT_FAILURE
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr, flush=True)
         return 130

@@ -1,0 +1,74 @@
+"""The images as built by `make images-local`: non-root, labelled, and their exit codes are the contract the
+chart's podFailurePolicy relies on (78 = configuration error, fatal; anything else may be retried)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tunectl import __version__
+from tunectl.recipe import load_recipe
+
+pytestmark = pytest.mark.docker
+
+ENTRYPOINT = {
+    "controller": ["tunectl"],
+    "train": ["python", "-m", "tunectl_jobs.train"],
+    "export": ["python", "-m", "tunectl_jobs.merge"],
+    "gguf": ["python", "-m", "tunectl_jobs.gguf"],
+}
+
+
+def run_stage(images, image: str, recipe: Path, store: str, *extra: str) -> subprocess.CompletedProcess[str]:
+    """A stage container as the chart runs it: its user, read-only root, no capabilities, the recipe mounted."""
+    # emptyDirs as world-writable host directories (this Docker ignores tmpfs modes on a read-only root).
+    scratch, tmp = recipe.parent.parent / "scratch", recipe.parent.parent / "tmp"
+    for d in (scratch, tmp):
+        d.mkdir(exist_ok=True)
+        d.chmod(0o1777)
+    cmd = [images.docker, "run", "--rm", "--network", "host", "--user", "1000:1000", "--read-only"]
+    cmd += ["--cap-drop", "ALL", "--security-opt", "no-new-privileges", "-v", f"{scratch}:/scratch"]
+    cmd += ["-v", f"{tmp}:/tmp", "-v", f"{recipe.parent}:/etc/tunectl:ro", *extra]
+    cmd += [f"tunectl-{image}:{images.tag}", "--recipe", f"/etc/tunectl/{recipe.name}", "--store", store, "--run", "r1"]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.parametrize("image", sorted(ENTRYPOINT))
+def test_image_is_non_root_exec_form_and_labelled(images, image):
+    out = subprocess.run(
+        [images.docker, "image", "inspect", f"tunectl-{image}:{images.tag}"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    config = json.loads(out.stdout)[0]["Config"]
+    assert config["User"] == "1000:1000"
+    assert config["Entrypoint"] == ENTRYPOINT[image]
+    labels = config["Labels"]
+    assert labels["org.opencontainers.image.version"] == __version__
+    assert labels["org.opencontainers.image.source"].startswith("https://")
+    assert labels["org.opencontainers.image.title"] == f"tunectl-{image}"
+
+
+def test_bad_config_exits_78(images, tmp_path):
+    bad = tmp_path / "recipe" / "recipe.yaml"
+    bad.parent.mkdir()
+    bad.write_text(load_recipe("ruozhiba-tiny").to_yaml().replace("max_steps: 40", "max_stepz: 40"))
+    proc = run_stage(images, "train", bad, "/scratch/store")
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    assert "error: recipe /etc/tunectl/recipe.yaml: unknown key 'training.max_stepz'; did you mean 'max_steps'?" in (
+        proc.stderr
+    )
+
+
+def test_unreachable_store_is_a_transient_failure(images, tmp_path):
+    recipe = tmp_path / "recipe" / "recipe.yaml"
+    recipe.parent.mkdir()
+    recipe.write_text(load_recipe("ruozhiba-tiny").to_yaml())
+    env = ["-e", "AWS_ENDPOINT_URL=http://127.0.0.1:9", "-e", "AWS_ACCESS_KEY_ID=x", "-e", "AWS_SECRET_ACCESS_KEY=y"]
+    env += ["-e", "AWS_REGION=us-east-1", "-e", "TUNECTL_S3_RETRY_SECONDS=2", "-e", "HOME=/scratch/home"]
+    proc = run_stage(images, "export", recipe, "s3://artifacts/tunectl", *env)
+    assert proc.returncode not in (0, 78), proc.stdout + proc.stderr
+    assert proc.returncode == 1
+    assert "error: " in proc.stderr and "127.0.0.1:9" in proc.stderr
