@@ -219,7 +219,7 @@ def render(
     click.echo(to_yaml(docs), nl=False)
 
 
-@cli.command(hidden=False)
+@cli.command()
 @click.argument("run")
 @click.option("--namespace", "-n", envvar="TUNECTL_NAMESPACE", default=None)
 @click.option("--context", envvar="TUNECTL_CONTEXT", default=None)
