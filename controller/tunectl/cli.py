@@ -88,7 +88,7 @@ def _find(ctx: click.Context, run: str, backend: str, context: str | None, names
     be = _kube(ctx, context, namespace)
     if backend == "auto":
         try:
-            be.status(run)
+            be.run_record(run)  # one read: is it there? (the caller then asks for what it needs)
         except TunectlError as cluster_error:
             local = _backend(ctx)
             try:

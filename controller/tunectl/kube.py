@@ -8,6 +8,7 @@ from __future__ import annotations
 import codecs
 import os
 import sys
+from collections import defaultdict
 from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from pathlib import Path
@@ -170,7 +171,8 @@ class KubernetesBackend:
         return created > 0
 
     # -- inspect
-    def _record(self, run: str) -> dict[str, Any]:
+    def run_record(self, run: str) -> dict[str, Any]:
+        """The run's ConfigMap (what was submitted); the same name as LocalBackend's lookup."""
         cm = self._call(f"reading run {run}", lambda: self.cluster.read("ConfigMap", f"{run}-recipe"))
         if cm is None:
             raise TunectlError(f"no run '{run}' in namespace {self.namespace} (context {self.cluster.context})")
@@ -186,7 +188,7 @@ class KubernetesBackend:
         return [self.cluster.to_dict(j) for j in jobs.items], [self.cluster.to_dict(p) for p in pods.items]
 
     def status(self, run: str) -> dict[str, Any]:
-        cm = self._record(run)
+        cm = self.run_record(run)
         jobs, pods = self._objects(f"{LABEL_RUN}={run}")
         return self._status(cm, jobs, pods, with_errors=True)
 
@@ -195,7 +197,7 @@ class KubernetesBackend:
     ) -> dict[str, Any]:
         run = cm["metadata"]["labels"][LABEL_RUN]
         ann = cm["metadata"].get("annotations") or {}
-        stages = [s for s in ann.get(ANN_STAGES, "").split(",") if s]
+        stages = _stages(cm)
         by_stage = {j["metadata"]["labels"].get(LABEL_STAGE): j for j in jobs}
         now = datetime.now(timezone.utc)
         rows = []
@@ -251,20 +253,16 @@ class KubernetesBackend:
             "listing runs", lambda: self.cluster.core.list_namespaced_config_map(self.namespace, label_selector=sel)
         )
         jobs, pods = self._objects(MANAGED)
-        rows = []
-        for cm in sorted(
-            (self.cluster.to_dict(c) for c in cms.items), key=lambda c: c["metadata"]["creationTimestamp"]
-        ):
-            run = cm["metadata"]["labels"][LABEL_RUN]
-            mine = [j for j in jobs if j["metadata"]["labels"].get(LABEL_RUN) == run]
-            rows.append(
-                self._status(cm, mine, [p for p in pods if p["metadata"]["labels"].get(LABEL_RUN) == run], False)
-            )
-        return rows
+        by_run: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = defaultdict(lambda: ([], []))
+        for i, objs in enumerate((jobs, pods)):
+            for obj in objs:
+                by_run[obj["metadata"]["labels"].get(LABEL_RUN, "")][i].append(obj)
+        cms = sorted((self.cluster.to_dict(c) for c in cms.items), key=lambda c: c["metadata"]["creationTimestamp"])
+        return [self._status(cm, *by_run[cm["metadata"]["labels"][LABEL_RUN]], False) for cm in cms]
 
     def logs(self, run: str, stage: str | None, follow: bool) -> Iterator[tuple[str, str]]:
         """(stage, text) chunks from each stage's newest pod; with `follow`, stream one stage until it ends."""
-        stages = [s["stage"] for s in self.status(run)["stages"]]
+        stages = _stages(self.run_record(run))  # the record is enough: no status (and its log reads) here
         if stage is not None and stage not in stages:
             raise TunectlError(f"run {run} has no stage '{stage}' (stages: {', '.join(stages)})")
         if follow and stage is None:
@@ -329,7 +327,7 @@ class KubernetesBackend:
 
         from kubernetes.client import V1DeleteOptions
 
-        self._record(run)
+        self.run_record(run)
         sel = f"{LABEL_RUN}={run}"
         c = self.cluster
         opts = V1DeleteOptions(propagation_policy="Background")
@@ -360,6 +358,11 @@ class KubernetesBackend:
 
         r = Reconciler(self.cluster.batch, self.namespace, run, poll_seconds=poll_seconds, echo=echo)
         return self._call(f"following run {run}", r.run_until_done)
+
+
+def _stages(cm: dict[str, Any]) -> list[str]:
+    """The run's stages in order, as its ConfigMap records them."""
+    return [s for s in ((cm["metadata"].get("annotations") or {}).get(ANN_STAGES, "")).split(",") if s]
 
 
 def _delete(fn: Callable[..., Any], item: Any, opts: Any, be: KubernetesBackend) -> None:
