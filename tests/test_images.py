@@ -4,6 +4,7 @@ chart's podFailurePolicy relies on (78 = configuration error, fatal; anything el
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -12,7 +13,7 @@ import pytest
 from tunectl import __version__
 from tunectl.recipe import load_recipe
 
-pytestmark = pytest.mark.docker
+REPO = Path(__file__).resolve().parents[1]
 
 ENTRYPOINT = {
     "controller": ["tunectl"],
@@ -36,6 +37,46 @@ def run_stage(images, image: str, recipe: Path, store: str, *extra: str) -> subp
     return subprocess.run(cmd, capture_output=True, text=True, timeout=600)
 
 
+def _pin(name: str) -> str:
+    out = subprocess.run(
+        ["python3", "images/requirements.py", "--version-of", name], cwd=REPO, capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    return out.stdout.strip()
+
+
+@pytest.mark.parametrize(
+    ("dockerfile", "arg", "package"),
+    [("torch", "TORCH_VERSION", "torch"), ("gguf", "LLAMA_CPP_PYTHON_VERSION", "llama-cpp-python")],
+)
+def test_dockerfile_defaults_match_the_pins(dockerfile, arg, package):
+    """build.sh passes the pins from pyproject.toml; a plain `docker build` gets the Dockerfile's default."""
+    text = (REPO / "images" / dockerfile / "Dockerfile").read_text()
+    assert re.search(rf"^ARG {arg}=(\S+)$", text, re.M).group(1) == _pin(package)
+
+
+@pytest.mark.docker
+def test_stage_images_share_the_torch_layers(images):
+    """torch is most of each stage image: train, export and gguf must store and pull it once, not three times."""
+
+    def layers(image: str) -> list[str]:
+        out = subprocess.run(
+            [images.docker, "image", "inspect", "-f", "{{json .RootFS.Layers}}", f"tunectl-{image}:{images.tag}"],
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr
+        return json.loads(out.stdout)
+
+    torch = layers("torch")
+    for image in ("train", "export", "gguf"):
+        assert layers(image)[: len(torch)] == torch, image
+    # train and export install the same packages: their dependency layer is one layer too
+    train, export = layers("train"), layers("export")
+    assert train[: len(train) - 1] == export[: len(export) - 1]
+
+
+@pytest.mark.docker
 @pytest.mark.parametrize("image", sorted(ENTRYPOINT))
 def test_image_is_non_root_exec_form_and_labelled(images, image):
     out = subprocess.run(
@@ -51,6 +92,7 @@ def test_image_is_non_root_exec_form_and_labelled(images, image):
     assert labels["org.opencontainers.image.title"] == f"tunectl-{image}"
 
 
+@pytest.mark.docker
 def test_bad_config_exits_78(images, tmp_path):
     bad = tmp_path / "recipe" / "recipe.yaml"
     bad.parent.mkdir()
@@ -62,6 +104,7 @@ def test_bad_config_exits_78(images, tmp_path):
     )
 
 
+@pytest.mark.docker
 def test_unreachable_store_is_a_transient_failure(images, tmp_path):
     recipe = tmp_path / "recipe" / "recipe.yaml"
     recipe.parent.mkdir()
