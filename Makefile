@@ -36,6 +36,13 @@ $(MC):
 
 tools: $(MINIO)
 
+# Ollama for the pull-into-Ollama tests: its Go module plus one CPU backend library (tests/ollama/build.sh).
+OLLAMA_VERSION := v0.17.4
+OLLAMA := $(TOOLS)/ollama-$(OLLAMA_VERSION)/bin/ollama
+
+$(OLLAMA):
+	tests/ollama/build.sh $(OLLAMA_VERSION) $(TOOLS)/ollama-$(OLLAMA_VERSION)
+
 # The Kubernetes control plane, kwok and Helm for the Kubernetes backend's tests (tests/cluster). Targets are the
 # binaries, in a directory per version, so a machine that has them builds nothing. Keep the versions in step with
 # tests/cluster/controlplane.py; etcd's comes from tests/cluster/tools/go.mod (k8s.io/kubernetes requires it).
@@ -69,8 +76,8 @@ demo: setup
 	$(BIN)/tunectl submit ruozhiba-tiny --backend local
 
 # TUNECTL_TOOLS: the tests find the Go tools where this Makefile put them, even with TOOLS overridden.
-test: setup tools cluster-tools
-	TUNECTL_TOOLS=$(TOOLS) TUNECTL_HELM=$(HELM) $(BIN)/pytest
+test: setup tools cluster-tools $(OLLAMA)
+	TUNECTL_TOOLS=$(TOOLS) TUNECTL_HELM=$(HELM) TUNECTL_TEST_OLLAMA=$(OLLAMA) $(BIN)/pytest
 
 # Push and pull 1 GiB through tunectl and through `mc cp` against the same local MinIO (a benchmark, not a test).
 bench-s3: setup tools $(MC)

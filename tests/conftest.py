@@ -49,6 +49,20 @@ def minio(tmp_path_factory):
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def ollama_server(tmp_path_factory):
+    """One real Ollama server for the session; skipped (with the reason) where no build of it exists."""
+    from ollama_server import OllamaServer, ollama_binary
+
+    binary = ollama_binary()
+    if binary is None:
+        pytest.skip("no Ollama here: `make test` builds it (tests/ollama/build.sh), or put `ollama` on PATH")
+    server = OllamaServer(binary, tmp_path_factory.mktemp("ollama"))
+    server.start()
+    yield server
+    server.stop()
+
+
 def new_bucket(minio, hint: str) -> str:
     import re
     import secrets

@@ -3,7 +3,8 @@ once with a directory as the store and once with a real MinIO.
 
 Real training steps, a real merge, llama.cpp's own converter and quantizer; then the q4_k_m GGUF is pulled
 with `tunectl pull`, loaded here in llama.cpp independently of the pipeline's own smoke test, and must answer
-the Chinese test prompt and stop at EOS before the token limit.
+the Chinese test prompt and stop at EOS before the token limit. The same run is pulled into a real Ollama server
+and into a directory laid out for vLLM (loaded with transformers, which reads the same files vLLM does).
 """
 
 from __future__ import annotations
@@ -130,3 +131,124 @@ def test_pulled_q4_k_m_answers_the_chinese_prompt_and_stops(finished_run):
     assert choice["finish_reason"] == "stop", choice  # EOS, not the 128-token limit
     assert out["usage"]["completion_tokens"] < 128
     assert re.search(r"[\u4e00-\u9fff]", choice["text"]), choice["text"]  # answers in Chinese
+
+
+TEST_PROMPT = ("请用中文回答", "海绵宝宝的书法是不是叫做海绵体？")
+
+
+def _ollama_generate(url: str, name: str, instruction: str, inp: str, max_tokens: int = 128) -> dict:
+    import urllib.request
+
+    body = {
+        "model": name,
+        "system": instruction,
+        "prompt": inp,
+        "stream": False,
+        "options": {"temperature": 0, "top_k": 1, "repeat_penalty": 1.0, "num_predict": max_tokens},
+    }
+    req = urllib.request.Request(f"{url}/api/generate", data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=300) as resp:
+        return json.loads(resp.read())
+
+
+@pytest.mark.parametrize("quant", ["q4_k_m", "f16"])
+def test_pull_into_ollama_answers_chinese_and_stops(finished_run, ollama_server, quant, monkeypatch):
+    """`pull --to ollama` creates the model on a real server and checks one generation; here the server is asked
+    again through its HTTP API with the Chinese test prompt. On the f16 file its greedy answer is llama.cpp's, word
+    for word (quantized types start alike, then part: the two ggml builds round quantized dot products apart)."""
+    from llama_cpp import Llama
+
+    run, dest, name = finished_run.run, finished_run.tmp / f"ollama-{quant}", f"tiny-{quant}:latest"
+    monkeypatch.setenv("TUNECTL_OLLAMA", ollama_server.binary)
+    out = finished_run.tunectl(
+        "pull", run, "--to", "ollama", str(dest), "--quant", quant, "--name", name, "--ollama-host", ollama_server.url
+    ).stdout
+    assert f"created {name} on {ollama_server.url}" in out
+    assert re.search(r"answered in \d+ tokens and stopped", out), out
+    modelfile = (dest / "gguf" / "Modelfile").read_text()
+    assert modelfile.startswith(f"FROM ./ruozhiba-tiny-{quant}.gguf\n")
+
+    show = ollama_server.run("show", name)
+    assert show.returncode == 0 and "llama" in show.stdout, show.stderr
+    shown = ollama_server.run("show", name, "--modelfile")
+    assert shown.returncode == 0, shown.stderr
+    assert "### Instruction:\n{{ .System }}\n\n### Input:\n{{ .Prompt }}" in shown.stdout
+    assert re.search(r"^PARAMETER stop \"?<\|im_end\|>\"?$", shown.stdout, re.M), shown.stdout
+
+    answer = _ollama_generate(ollama_server.url, name, *TEST_PROMPT)
+    assert answer["done_reason"] == "stop" and answer["eval_count"] < 128, answer
+    assert re.search(r"[\u4e00-\u9fff]", answer["response"]), answer["response"]
+    if quant == "f16":
+        assert "answer is the same as llama.cpp's" in out, out
+        llm = Llama(model_path=str(dest / "gguf" / f"ruozhiba-tiny-{quant}.gguf"), n_ctx=1024, verbose=False)
+        prompt = load_recipe("ruozhiba-tiny").prompt_for(*TEST_PROMPT)
+        direct = llm.create_completion(prompt, max_tokens=128, temperature=0.0, top_k=1)["choices"][0]["text"]
+        assert answer["response"] == direct
+
+
+def test_pull_into_ollama_without_a_client_leaves_files_and_the_command(finished_run, monkeypatch):
+    monkeypatch.setenv("TUNECTL_OLLAMA", "")
+    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + "/usr/bin:/bin")
+    dest = finished_run.tmp / "ollama-files"
+    out = finished_run.tunectl("pull", finished_run.run, "--to", "ollama", str(dest)).stdout
+    assert "no Ollama client here" in out
+    hint = (
+        f"cd {dest / 'gguf'} && OLLAMA_HOST=http://127.0.0.1:11434 ollama create {finished_run.run}:q4_k_m -f Modelfile"
+    )
+    assert hint in out
+    assert (dest / "gguf" / "Modelfile").is_file() and (dest / "gguf" / "ruozhiba-tiny-q4_k_m.gguf").is_file()
+
+
+def _generate_stops(model, tok, messages: list[dict], max_new_tokens: int = 128) -> tuple[str, list[int]]:
+    import torch
+
+    ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=False)  # EOS from generation_config
+    new = out[0, ids["input_ids"].shape[1] :].tolist()
+    return tok.decode(new, skip_special_tokens=True), new
+
+
+def test_pull_into_vllm_layout_loads_prompts_like_training_and_stops(finished_run):
+    """The directory vLLM would serve, read by transformers: the chat template gives the training prompt (not
+    SmolLM2's ChatML), generation_config's EOS ends the answer before the limit."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+
+    dest = finished_run.tmp / "vllm"
+    out = finished_run.tunectl("pull", finished_run.run, "--to", "vllm", str(dest)).stdout
+    assert f"vllm serve {dest} --served-model-name {finished_run.run}" in out
+    assert "/v1/chat/completions" in out
+    # the merge stage fixed the export already (SmolLM2's ChatML template replaced), so the pull has nothing to fix
+    notes = _verified(dest / ".tunectl" / "merge")["notes"]
+    assert any(n.startswith("merged-16bit/chat_template.jinja: replaced") for n in notes), notes
+    assert "fixed" not in out
+    assert {"config.json", "model.safetensors", "tokenizer.json", "chat_template.jinja"} <= {
+        p.name for p in dest.iterdir()
+    }
+    tok = AutoTokenizer.from_pretrained(dest)
+    assert tok.eos_token == "<|im_end|>"
+    assert GenerationConfig.from_pretrained(dest).eos_token_id == tok.eos_token_id == 2
+    messages = [{"role": "system", "content": TEST_PROMPT[0]}, {"role": "user", "content": TEST_PROMPT[1]}]
+    rendered = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    assert rendered == load_recipe("ruozhiba-tiny").prompt_for(*TEST_PROMPT)
+    model = AutoModelForCausalLM.from_pretrained(dest)
+    text, new = _generate_stops(model, tok, messages)
+    assert new[-1] == 2 and len(new) < 128, text
+    assert re.search(r"[\u4e00-\u9fff]", text), text
+
+
+def test_pull_adapter_for_vllm_serves_on_its_base(finished_run):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dest = finished_run.tmp / "vllm-lora"
+    out = finished_run.tunectl(
+        "pull", finished_run.run, "--to", "vllm", str(dest), "--adapter", "--name", "tiny"
+    ).stdout
+    merge = json.loads((dest / ".tunectl" / "merge" / "manifest.json").read_text())
+    base = merge["inputs"]["merge_base"]
+    assert f"vllm serve {base} --enable-lora --lora-modules tiny={dest} --max-lora-rank 16" in out
+    tok = AutoTokenizer.from_pretrained(dest)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), dest)
+    text, new = _generate_stops(model, tok, [{"role": "user", "content": "为什么天是蓝的？"}])
+    assert new[-1] == 2 and len(new) < 128, text

@@ -74,3 +74,44 @@ def test_pull_errors_list_what_exists(store, run, stage, quant, message):
     with pytest.raises(TunectlError) as e:
         plan(store, run, stage, quant)
     assert message in str(e.value)
+
+
+def _no_bar(total, label):
+    import contextlib
+
+    return contextlib.nullcontext(lambda n: None)
+
+
+@pytest.mark.parametrize(
+    ("run", "quant", "message"),
+    [
+        ("nope", None, "no run 'nope' in file://"),
+        ("r2", None, "run r2's gguf stage failed (completed: train)"),
+        ("r1", "q2_k", "run r1 has no q2_k GGUF; it has: f16, q4_k_m"),
+        ("r1", None, "run r1's gguf manifest has no contract: re-run its gguf stage"),
+    ],
+)
+def test_pull_to_ollama_bad_input_is_one_line_naming_what_exists(store, tmp_path, run, quant, message):
+    from tunectl.pull import to_ollama
+
+    store.write_json("runs/r2/run.json", {"run": "r2"})
+    store.write_json("runs/r2/state.json", {"train": {"state": "succeeded"}, "gguf": {"state": "failed"}})
+    src = tmp_path / "src-r2"
+    (src / "adapter").mkdir(parents=True)
+    (src / "adapter" / "a.bin").write_bytes(b"a")
+    store.publish("r2", "train", src, {})
+    with pytest.raises(TunectlError) as e:
+        to_ollama(store, run, tmp_path / "out", quant, None, None, _no_bar)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()  # nothing fetched before the checks
+
+
+def test_pull_to_ollama_refuses_a_gguf_that_stops_at_another_token(store, tmp_path):
+    from tunectl.pull import to_ollama
+
+    manifest = store.manifest("r1", "gguf")
+    contract = {"eos_token": "<|im_end|>", "eos_token_id": 2, "stop_token_ids": [2], "stop_tokens": ["<|im_end|>"]}
+    manifest.update(contract=contract, smoke=[{"type": "q4_k_m", "eos_token_id": 1}])
+    store.write_json("runs/r1/gguf/manifest.json", manifest)
+    with pytest.raises(TunectlError, match="the q4_k_m GGUF ends generation at token id 1, but the model was trained"):
+        to_ollama(store, "r1", tmp_path / "out", None, None, None, _no_bar)

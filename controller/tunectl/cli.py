@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -370,28 +372,101 @@ def cancel(ctx: click.Context, run: str, backend: str, context: str | None, name
 
 @cli.command("pull")
 @click.argument("run")
+@click.argument("dir", type=click.Path(file_okay=False, path_type=Path), required=False)
 @click.option(
     "--to",
-    "dest",
-    type=click.Path(file_okay=False, path_type=Path),
+    "target",
     default=None,
-    help="destination directory [default: ./RUN]",
+    metavar="ollama|vllm|DIR",
+    help="ollama: create the model on an Ollama server; vllm: a directory `vllm serve` loads; "
+    "else a directory to copy into [default: ./RUN]",
 )
 @click.option("--stage", type=click.Choice(["train", "merge", "gguf"]), default=None, help="only this stage")
-@click.option("--quant", default=None, metavar="TYPE", help="only this GGUF type (e.g. q4_k_m), with its Modelfile")
+@click.option("--quant", default=None, metavar="TYPE", help="only this GGUF type (ollama: default q4_k_m)")
+@click.option("--name", default=None, help="model name on the server [default: RUN:QUANT for ollama, RUN for vllm]")
+@click.option(
+    "--ollama-host", default=None, metavar="HOST", help="Ollama server [default: $OLLAMA_HOST or 127.0.0.1:11434]"
+)
+@click.option("--adapter", is_flag=True, help="vllm: the LoRA adapter, served on its base, instead of the merged model")
+@click.option("--base", default=None, help="vllm --adapter: the 16-bit base as the serving host names it")
 @click.pass_context
-def pull_cmd(ctx: click.Context, run: str, dest: Path | None, stage: str | None, quant: str | None) -> None:
-    """Copy RUN's artifacts into a directory: verified against the manifests, resumable, skips what is there."""
-    from .pull import plan, pull
+def pull_cmd(
+    ctx: click.Context,
+    run: str,
+    dir: Path | None,
+    target: str | None,
+    stage: str | None,
+    quant: str | None,
+    name: str | None,
+    ollama_host: str | None,
+    adapter: bool,
+    base: str | None,
+) -> None:
+    """Copy RUN's artifacts into a directory (verified against the manifests, resumable), or onto a serving host.
 
+    \b
+      tunectl pull RUN [DIR] [--stage S] [--quant TYPE]      files into DIR (default ./RUN)
+      tunectl pull RUN --to ollama [DIR] [--quant q4_k_m] [--name NAME] [--ollama-host HOST]
+      tunectl pull RUN --to vllm DIR [--adapter [--base BASE]] [--name NAME]
+    """
+    from . import pull as p
+
+    kind = target if target in ("ollama", "vllm") else "dir"
+    if kind == "dir" and target is not None:
+        if dir is not None:
+            raise ConfigError(f"two destinations: --to {target} and {dir}; give one")
+        dir = Path(target)
+    wrong = [
+        o
+        for o, v, ok in (
+            ("--stage", stage, kind == "dir"),
+            ("--name", name, kind != "dir"),
+            ("--ollama-host", ollama_host, kind == "ollama"),
+            ("--adapter", adapter, kind == "vllm"),
+            ("--base", base, kind == "vllm" and adapter),
+            ("--quant", quant, kind != "vllm"),
+        )
+        if v and not ok
+    ]
+    if wrong:
+        raise ConfigError(
+            f"{wrong[0]} does not apply to pull {'--to ' + kind if kind != 'dir' else 'into a directory'}"
+        )
     store = open_store(ctx.obj["store"])
-    selections = plan(store, run, stage, quant)
-    dest = dest or Path(run)
-    total = sum(s.size for s in selections)
-    label = f"{run}: {sum(s.files for s in selections)} files, {total / 2**20:.1f} MiB"
-    with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False) as bar:
-        pull(store, run, dest, selections, bar.update)
-    click.echo(f"pulled {', '.join(s.stage for s in selections)} of {run} into {dest}")
+    dest = dir or Path(run)
+
+    @contextlib.contextmanager
+    def bar(total: int, label: str) -> Iterator[Callable[[int], None]]:
+        with click.progressbar(length=total, label=label, file=sys.stderr, show_pos=False) as b:
+            yield b.update
+
+    if kind == "dir":
+        selections = p.plan(store, run, stage, quant)
+        p.transfer(store, run, dest, selections, bar)
+        click.echo(f"pulled {', '.join(s.stage for s in selections)} of {run} into {dest}")
+    elif kind == "ollama":
+        r = p.to_ollama(store, run, dest, quant, name, ollama_host, bar)
+        click.echo(f"wrote {r['modelfile']} ({r['quant']}: training prompt as TEMPLATE, EOS as stop)")
+        if "hint" in r:
+            click.echo("no Ollama client here (install ollama or set TUNECTL_OLLAMA); to create the model run:")
+            click.echo(f"  {r['hint']}")
+            return
+        click.echo(f"created {r['name']} on {r['url']}")
+        click.echo(f"asked {r['asked']!r}: answered in {r['tokens']} tokens and stopped: {r['answer'].strip()}")
+        if "matches_llama_cpp" in r:
+            same = "the same as" if r["matches_llama_cpp"] else "DIFFERENT from"
+            click.echo(f"answer is {same} llama.cpp's on this GGUF in the gguf stage (greedy)")
+        click.echo(f"  ollama run {r['name']}")
+    else:
+        if dir is None:
+            raise ConfigError("pull --to vllm needs a directory: tunectl pull RUN --to vllm DIR")
+        r = p.to_vllm(store, run, dest, adapter, base, name, bar)
+        for line in r["fixed"]:
+            click.echo(f"fixed {line}")
+        click.echo(f"{'adapter' if adapter else 'model'} ready for vLLM in {r['dir']}; serve it with:")
+        click.echo(f"  {r['serve']}")
+        click.echo("and ask it (the directory's chat template renders the training prompt):")
+        click.echo(f"  {r['request']}")
 
 
 def main() -> None:

@@ -1,4 +1,5 @@
-"""`tunectl pull`: copy a run's artifacts out of the store into a directory, verified and resumable."""
+"""`tunectl pull`: copy a run's artifacts out of the store into a directory, verified and resumable, and
+optionally onto a serving host: an Ollama server (`to_ollama`) or a directory vLLM serves (`to_vllm`)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,13 @@ import json
 import re
 import threading
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from . import ollama, vllm
+from .contract import ContractError, check_model_dir
 from .errors import TunectlError
 from .store import MANIFEST, Store, selected_files
 
@@ -24,9 +29,11 @@ class Selection:
     files: int
 
 
-def plan(store: Store, run: str, stage: str | None, quant: str | None) -> list[Selection]:
+def plan(
+    store: Store, run: str, stage: str | None, quant: str | None, only: Callable[[str], bool] | None = None
+) -> list[Selection]:
     """Which files of which stages to pull; errors list what exists. A run is known by its record (local runs)
-    or by any stage manifest (Kubernetes runs keep their record in the cluster)."""
+    or by any stage manifest (Kubernetes runs keep their record in the cluster). `only` narrows further."""
     manifests = {s: store.manifest(run, s) for s in STAGES}
     if store.read_json(f"runs/{run}/run.json") is None and not any(manifests.values()):
         known = store.list_runs()
@@ -43,18 +50,34 @@ def plan(store: Store, run: str, stage: str | None, quant: str | None) -> list[S
             if stage is None:
                 continue
             done = [x for x in STAGES if manifests[x] is not None]
-            raise TunectlError(f"run {run} has no completed {s} stage (completed: {', '.join(done) or 'none'})")
+            state = (store.read_json(f"runs/{run}/state.json") or {}).get(s, {}).get("state")
+            why = (
+                f"'s {s} stage {state}" if state in ("failed", "skipped", "running") else f" has no completed {s} stage"
+            )
+            raise TunectlError(f"run {run}{why} (completed: {', '.join(done) or 'none'})")
         select = None
         if s == "gguf" and quant is not None:
             have = sorted({m.group(1) for f in manifest["files"] if (m := _GGUF.search(f))})
             if quant not in have:
                 raise TunectlError(f"run {run} has no {quant} GGUF; it has: {', '.join(have)}")
             select = lambda rel, q=quant: not rel.endswith(".gguf") or rel.endswith(f"-{q}.gguf")  # noqa: E731
+        if only is not None:
+            select = only if select is None else (lambda rel, a=select, b=only: a(rel) and b(rel))
         chosen = [m for _, m in selected_files(manifest, select)]
         out.append(Selection(s, select, sum(m["size"] for m in chosen), len(chosen)))
     if not out:
         raise TunectlError(f"run {run} has no completed stage yet")
     return out
+
+
+ProgressBar = Callable[[int, str], AbstractContextManager[Callable[[int], None]]]
+
+
+def transfer(store: Store, run: str, dest: Path, selections: list[Selection], bar: ProgressBar) -> None:
+    """`pull` under one progress bar sized and labelled from the plan."""
+    total = sum(s.size for s in selections)
+    with bar(total, f"{run}: {sum(s.files for s in selections)} files, {total / 2**20:.1f} MiB") as update:
+        pull(store, run, dest, selections, update)
 
 
 def pull(store: Store, run: str, dest: Path, selections: list[Selection], progress: Callable[[int], None]) -> None:
@@ -70,3 +93,97 @@ def pull(store: Store, run: str, dest: Path, selections: list[Selection], progre
         files = dict(selected_files(got.manifest, sel.select))
         doc = {**got.manifest, "files": files}
         (dest / sel.stage / MANIFEST).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+
+
+def gguf_choice(store: Store, run: str, quant: str | None) -> tuple[str, dict[str, Any]]:
+    """The GGUF type to serve (q4_k_m unless asked; else the first the run made) and the gguf manifest."""
+    plan(store, run, "gguf", quant)  # the one-line errors: unknown run, no gguf stage, no such type
+    manifest = store.manifest(run, "gguf") or {}
+    have = [m.group(1) for f in manifest["files"] if (m := _GGUF.search(f))]
+    return quant or ("q4_k_m" if "q4_k_m" in have else have[0]), manifest
+
+
+def smoke_entry(manifest: dict[str, Any], quant: str) -> dict[str, Any]:
+    """What the gguf stage saw when llama.cpp answered with this file (recorded in its smoke.json)."""
+    contract = manifest.get("contract")
+    if not contract:
+        raise ContractError(f"run {manifest.get('run')}'s gguf manifest has no contract: re-run its gguf stage")
+    entry = next((e for e in manifest.get("smoke", []) if e.get("type") == quant), None) or {}
+    eos = entry.get("eos_token_id")
+    if eos is not None and eos not in contract["stop_token_ids"]:
+        raise ContractError(
+            f"the {quant} GGUF ends generation at token id {eos}, but the model was trained to stop at "
+            f"{contract['stop_token_ids']}: re-run the gguf stage of run {manifest.get('run')}"
+        )
+    return entry
+
+
+def to_ollama(
+    store: Store,
+    run: str,
+    dest: Path,
+    quant: str | None,
+    name: str | None,
+    host: str | None,
+    bar: ProgressBar,
+) -> dict[str, Any]:
+    """Pull one GGUF, write a Modelfile from the manifest's contract, and (with an Ollama client here) create
+    the model on the server and check that it answers and stops. Returns what happened, for the CLI to print."""
+    quant, manifest = gguf_choice(store, run, quant)
+    name = ollama.check_name(name or f"{run}:{quant}")
+    entry = smoke_entry(manifest, quant)
+    selections = plan(store, run, "gguf", quant, only=lambda rel: rel != "Modelfile")
+    transfer(store, run, dest, selections, bar)
+    gguf_dir = dest / "gguf"
+    gguf_name = next(f for f in manifest["files"] if f.endswith(f"-{quant}.gguf"))
+    path = gguf_dir / "Modelfile"
+    path.write_text(ollama.modelfile(gguf_name, manifest["contract"]), encoding="utf-8")
+    url = ollama.base_url(host)
+    result: dict[str, Any] = {"name": name, "quant": quant, "modelfile": path, "url": url}
+    exe = ollama.binary()
+    if exe is None:
+        result["hint"] = ollama.create_hint(name, path, url)
+        return result
+    ollama.create(exe, name, path, url)
+    instruction = entry.get("instruction") or "Say hello in one short sentence."
+    inp = entry.get("input", "")
+    out = ollama.verify(url, name, instruction, inp, int(entry.get("max_tokens") or 128))
+    result.update(created=True, asked=" / ".join(filter(None, (instruction, inp))), answer=out["response"])
+    result["tokens"] = out.get("eval_count")
+    if "answer" in entry:
+        result["matches_llama_cpp"] = out["response"].strip() == entry["answer"].strip()
+    return result
+
+
+def to_vllm(
+    store: Store,
+    run: str,
+    dest: Path,
+    adapter: bool,
+    base: str | None,
+    name: str | None,
+    bar: ProgressBar,
+) -> dict[str, Any]:
+    """Pull the merged 16-bit model (or the LoRA adapter) into `dest`, laid out for `vllm serve`, with the
+    serving contract checked and fixed in its files."""
+    part = "lora" if adapter else "merged-16bit"
+    manifests = plan(store, run, "merge", None, only=lambda rel: rel.startswith(f"{part}/"))
+    if manifests[0].files == 0:
+        what = "LoRA adapter (export.lora)" if adapter else "merged 16-bit model (export.merged_16bit)"
+        raise TunectlError(f"run {run}'s merge stage exported no {what}")
+    transfer(store, run, dest / vllm.PULLED, manifests, bar)
+    merge_manifest = store.manifest(run, "merge") or {}
+    contract = merge_manifest.get("contract")
+    if not contract:
+        raise ContractError(f"run {run}'s merge manifest has no contract: re-run its merge stage")
+    vllm.link_tree(dest / vllm.PULLED / "merge" / part, dest)
+    fixed = check_model_dir(dest, contract)
+    name = name or run
+    result: dict[str, Any] = {"dir": dest, "name": name, "fixed": fixed}
+    if adapter:
+        base = base or merge_manifest.get("inputs", {}).get("merge_base")
+        result["serve"] = vllm.serve_command(dest, name, base or "BASE_MODEL", vllm.adapter_rank(dest))
+    else:
+        result["serve"] = vllm.serve_command(dest, name)
+    result["request"] = vllm.request_example(name, "Say hello in one short sentence.", 128)
+    return result

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tunectl import ollama
 from tunectl.errors import ConfigError, TunectlError
 
 from . import llamacpp
@@ -86,15 +87,6 @@ def smoke_test(path: Path, prompt: str, max_tokens: int, contract: dict[str, Any
     return result
 
 
-def modelfile(gguf_name: str, prompt_template: str, contract: dict[str, Any]) -> str:
-    """An Ollama Modelfile whose TEMPLATE is the training prompt and whose stops are the EOS tokens."""
-    prefix = prompt_template.removesuffix("{output}")
-    template = prefix.replace("{instruction}", "{{ .Prompt }}").replace("{input}", "")
-    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
-    lines += [f'PARAMETER stop "{tok}"' for tok in contract["stop_tokens"]]
-    return "\n".join(lines) + "\n"
-
-
 def gguf(ctx: StageContext) -> None:
     r = ctx.recipe
     types = list(dict.fromkeys(r.export.gguf))
@@ -136,15 +128,16 @@ def gguf(ctx: StageContext) -> None:
     with ctx.phase("smoke test"):
         for t in types:
             result = smoke_test(files[t], prompt, max_tokens, contract)
-            smoke.append({"type": t, **result})
+            smoke.append({"type": t, "instruction": instruction, "input": inp, **result})
     (ctx.out / "smoke.json").write_text(json.dumps(smoke, indent=1, ensure_ascii=False) + "\n")
-    (ctx.out / "Modelfile").write_text(modelfile(files[types[0]].name, r.data.prompt_template, contract))
+    (ctx.out / "Modelfile").write_text(ollama.modelfile(files[types[0]].name, contract))
     ctx.metrics = {
         "types": types,
         "sizes_mib": {t: round(files[t].stat().st_size / 2**20, 1) for t in types},
         "smoke": {s["type"]: {"finish_reason": s["finish_reason"], "tokens": s["completion_tokens"]} for s in smoke},
     }
-    ctx.extra = {"contract": contract}
+    # The answers travel in the manifest: `tunectl pull --to ollama` compares the server's answer with them.
+    ctx.extra = {"contract": contract, "smoke": smoke}
     failed = [s["type"] for s in smoke if s["finish_reason"] != "stop" or not s["answer"].strip()]
     if failed:
         # A model that does not stop is a failed export: no manifest, the files stay in scratch to inspect.

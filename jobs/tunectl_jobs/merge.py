@@ -2,7 +2,8 @@
 
 Merging happens on the 16-bit weights of the base, never on the de-quantized 4-bit weights the adapter
 was trained against, unless the recipe asks (`export.merge_onto_4bit`), because rounding the base twice
-loses fidelity. The EOS contract from training is written into `generation_config.json` and the tokenizer.
+loses fidelity. The serving contract from training (EOS ids, pad, the prompt as chat template) is checked
+and written into each export's configs and tokenizer files (tunectl.contract).
 
 Outputs: `lora/`, `merged-16bit/`, `merged-4bit/` (each only when the recipe exports it).
 
@@ -11,14 +12,14 @@ Outputs: `lora/`, `merged-16bit/`, `merged-4bit/` (each only when the recipe exp
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import sys
 from pathlib import Path
 from typing import Any
 
-from tunectl.errors import ConfigError, TunectlError
+from tunectl.contract import check_model_dir
+from tunectl.errors import ConfigError
 
 from . import models
 from .stage import StageContext, run_stage
@@ -91,18 +92,11 @@ def merge_4bit(ctx: StageContext, merged16: Path, dest: Path) -> None:
         AutoTokenizer.from_pretrained(str(merged16)).save_pretrained(dest)
 
 
-def check_export(merged: Path, contract: dict[str, Any]) -> None:
-    """The saved files must carry the EOS the model was trained to emit."""
-    gen = json.loads((merged / "generation_config.json").read_text())
-    eos = gen.get("eos_token_id")
-    eos_ids = eos if isinstance(eos, list) else [eos]
-    if contract["eos_token_id"] not in eos_ids:
-        raise TunectlError(f"generation_config.json EOS {eos} lacks the trained EOS id {contract['eos_token_id']}")
-    tok = json.loads((merged / "tokenizer_config.json").read_text())
-    if tok.get("eos_token") not in (contract["eos_token"], None) and not (
-        isinstance(tok.get("eos_token"), dict) and tok["eos_token"].get("content") == contract["eos_token"]
-    ):
-        raise TunectlError(f"tokenizer_config.json EOS {tok.get('eos_token')!r} is not {contract['eos_token']!r}")
+def check_contract(ctx: StageContext, export: Path, contract: dict[str, Any]) -> None:
+    """The exported files must carry the EOS the model was trained to emit and render the training prompt as
+    their chat template; what the manifest decides is rewritten (and noted), the rest refused."""
+    for line in check_model_dir(export, contract):
+        ctx.note(f"{export.name}/{line}")
 
 
 def merge(ctx: StageContext) -> None:
@@ -120,13 +114,15 @@ def merge(ctx: StageContext) -> None:
     exports = []
     if r.export.lora:
         shutil.copytree(adapter, ctx.out / "lora", dirs_exist_ok=True)
+        check_contract(ctx, ctx.out / "lora", contract)
         exports.append("lora")
     if r.export.merged_16bit or r.export.merged_4bit:
         merge_16bit(ctx, adapter, contract, ctx.out / "merged-16bit")
-        check_export(ctx.out / "merged-16bit", contract)
+        check_contract(ctx, ctx.out / "merged-16bit", contract)
         exports.append("merged-16bit")
     if r.export.merged_4bit:
         merge_4bit(ctx, ctx.out / "merged-16bit", ctx.out / "merged-4bit")
+        check_contract(ctx, ctx.out / "merged-4bit", contract)
         exports.append("merged-4bit")
         if not r.export.merged_16bit:
             shutil.rmtree(ctx.out / "merged-16bit")

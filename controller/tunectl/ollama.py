@@ -1,0 +1,124 @@
+"""Ollama as a pull target: a Modelfile that prompts like training and stops at EOS, `ollama create`, and one
+generation through the server's HTTP API that must end at a stop token.
+
+The client talks to the server named by `--ollama-host` / OLLAMA_HOST (Ollama's own variable, same forms:
+`host:port` or a URL; default 127.0.0.1:11434). `ollama create` reads the GGUF here and uploads it to that server,
+so the server may be another machine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from .contract import ContractError, render_prompt
+from .errors import TunectlError
+
+DEFAULT_HOST = "127.0.0.1:11434"
+# Ollama's model names: a name of letters, digits and . _ - (optionally namespace/name), an optional :tag.
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(:[A-Za-z0-9][A-Za-z0-9._-]{0,127})?$")
+
+
+def modelfile(gguf_name: str, contract: dict[str, Any]) -> str:
+    """TEMPLATE renders the training prompt (Go template syntax): the prompt is the instruction, or, when a
+    system message is given, the system message is the instruction and the prompt its input. One
+    `PARAMETER stop` per token that ends a turn."""
+    if "prompt_template" not in contract or not contract.get("stop_tokens"):
+        raise ContractError("the run's manifest has no prompt template or stop tokens: re-run its train stage")
+
+    def literal(text: str) -> str:
+        return text.replace("{{", '{{ "{{" }}')
+
+    tpl = contract["prompt_template"]
+    template = (
+        "{{ if .System }}"
+        + render_prompt(tpl, "{{ .System }}", "{{ .Prompt }}", literal)
+        + "{{ else }}"
+        + render_prompt(tpl, "{{ .Prompt }}", "", literal)
+        + "{{ end }}"
+    )
+    if '"""' in template:
+        raise ContractError('the prompt template contains """, which an Ollama Modelfile cannot quote')
+    lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
+    lines += [f"PARAMETER stop {json.dumps(tok, ensure_ascii=False)}" for tok in contract["stop_tokens"]]
+    return "\n".join(lines) + "\n"
+
+
+def check_name(name: str) -> str:
+    if not _NAME.match(name):
+        raise TunectlError(
+            f"--name {name!r} is not an Ollama model name: use letters, digits, '.', '_', '-', optionally ':tag'"
+        )
+    return name
+
+
+def base_url(host: str | None) -> str:
+    host = host or os.environ.get("OLLAMA_HOST") or DEFAULT_HOST
+    return (host if "://" in host else f"http://{host}").rstrip("/")
+
+
+def binary() -> str | None:
+    return os.environ.get("TUNECTL_OLLAMA") or shutil.which("ollama")
+
+
+def create_hint(name: str, modelfile_path: Path, url: str) -> str:
+    """The command a user runs where the Ollama client is."""
+    return f"cd {modelfile_path.parent} && OLLAMA_HOST={url} ollama create {name} -f {modelfile_path.name}"
+
+
+def create(exe: str, name: str, modelfile_path: Path, url: str) -> None:
+    """`ollama create` from the Modelfile's directory (its FROM is relative) against the server at `url`."""
+    proc = subprocess.run(
+        [exe, "create", name, "-f", modelfile_path.name],
+        cwd=modelfile_path.parent,
+        env={**os.environ, "OLLAMA_HOST": url},
+        capture_output=True,
+        text=True,
+    )
+    if proc.returncode != 0:
+        last = next((ln for ln in reversed((proc.stderr + proc.stdout).splitlines()) if ln.strip()), "no output")
+        raise TunectlError(f"ollama create {name} against {url} failed: {last.strip()}")
+
+
+def generate(
+    url: str, name: str, instruction: str, input: str, max_tokens: int, timeout: float = 300
+) -> dict[str, Any]:
+    """One greedy generation through /api/generate (the Modelfile's TEMPLATE applies: an input goes as the
+    prompt with the instruction as system message)."""
+    body = {
+        "model": name,
+        **({"system": instruction, "prompt": input} if input else {"prompt": instruction}),
+        "stream": False,
+        "options": {"temperature": 0, "top_k": 1, "repeat_penalty": 1.0, "seed": 0, "num_predict": max_tokens},
+    }
+    req = urllib.request.Request(
+        f"{url}/api/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return json.loads(resp.read())
+    except urllib.error.HTTPError as e:
+        detail = e.read().decode(errors="replace")[:300]
+        raise TunectlError(f"Ollama at {url} answered {e.code} for {name}: {detail}") from None
+    except (urllib.error.URLError, OSError) as e:
+        reason = getattr(e, "reason", e)
+        raise TunectlError(f"cannot reach Ollama at {url} ({reason}): start it or pass --ollama-host") from None
+
+
+def verify(url: str, name: str, instruction: str, input: str, max_tokens: int) -> dict[str, Any]:
+    """The created model must answer and stop at a stop token before `max_tokens`."""
+    out = generate(url, name, instruction, input, max_tokens)
+    answer = out.get("response", "")
+    if out.get("done_reason") != "stop" or not answer.strip():
+        raise TunectlError(
+            f"{name} on {url} did not answer and stop within {max_tokens} tokens "
+            f"(done_reason {out.get('done_reason')!r}, {out.get('eval_count')} tokens): check the Modelfile's stops"
+        )
+    return out

@@ -1,0 +1,28 @@
+#!/bin/sh
+# Build Ollama from its Go module at a pinned version into ROOT/bin/ollama, with one SIMD CPU backend library in
+# ROOT/lib/ollama (where the server looks for it, relative to its binary). For the pull-into-Ollama tests.
+#   tests/ollama/build.sh VERSION ROOT        e.g. v0.17.4 ~/.cache/tunectl/bin/ollama-v0.17.4
+# Go module zips leave out every vendor/ folder, so the C++ headers ggml's tools include (nlohmann/json, stb,
+# miniaudio) are missing from the module; they are taken from llama.cpp's own vendor folder in the PyPI sdist of
+# llama-cpp-python, the version tunectl pins.
+set -eu
+version=$1 root=$2
+llama_cpp_python=$(python3 "$(dirname "$0")/../../images/requirements.py" --version-of llama-cpp-python)
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+python3 -m pip download -q --no-deps --no-binary :all: -d "$work" "llama-cpp-python==$llama_cpp_python"
+mkdir -p "$work/include"
+tar -xzf "$work"/llama_cpp_python-*.tar.gz -C "$work/include" --strip-components=4 \
+  "llama_cpp_python-$llama_cpp_python/vendor/llama.cpp/vendor/nlohmann" \
+  "llama_cpp_python-$llama_cpp_python/vendor/llama.cpp/vendor/stb" \
+  "llama_cpp_python-$llama_cpp_python/vendor/llama.cpp/vendor/miniaudio"
+# The server: ggml compiled in through cgo, without SIMD flags (a portable fallback).
+CGO_ENABLED=1 CGO_CPPFLAGS="-I$work/include" GOBIN="$root/bin" \
+  go install -ldflags "-s -w -X=github.com/ollama/ollama/version.Version=${version#v}" "github.com/ollama/ollama@$version"
+# The AVX2 CPU backend the server loads when the CPU has it (4x faster here), from the same module source.
+src=$(go env GOMODCACHE)/github.com/ollama/ollama@$version
+cmake -S "$src" -B "$work/build" -DCMAKE_BUILD_TYPE=Release -DCMAKE_BUILD_RPATH_USE_ORIGIN=ON >/dev/null
+cmake --build "$work/build" --target ggml-cpu-haswell -j "$(nproc)" >/dev/null
+mkdir -p "$root/lib/ollama"
+cp -P "$work"/build/lib/ollama/libggml-base.so* "$work/build/lib/ollama/libggml-cpu-haswell.so" "$root/lib/ollama/"
+"$root/bin/ollama" --version 2>&1 | tail -1
