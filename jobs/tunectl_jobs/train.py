@@ -204,6 +204,9 @@ def train(ctx: StageContext) -> None:
             report_to="none",
             save_strategy="no",
             disable_tqdm=False,
+            # TRL turns checkpointing on by default; without Unsloth the recipe's setting must win (Unsloth's
+            # get_peft_model has applied it already on its path).
+            **({} if unsloth else {"gradient_checkpointing": bool(r.lora.use_gradient_checkpointing)}),
         )
         trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_ds, args=args)
 
