@@ -124,14 +124,22 @@ def docker_client() -> str | None:
     return "/usr/bin/docker" if Path("/usr/bin/docker").is_file() else docker
 
 
+def docker_engine() -> str | None:
+    """The BuildKit-capable client, where a Docker engine answers it."""
+    docker = docker_client()
+    if docker and subprocess.run([docker, "info"], capture_output=True).returncode == 0:
+        return docker
+    return None
+
+
 @pytest.fixture(scope="session")
 def images(tmp_path_factory):
     """The four images, built as `make images-local` builds them (Debian base from debootstrap, CPU); Docker's
     layer cache makes a rebuild with unchanged sources take seconds. Skips where no Docker engine answers."""
     from types import SimpleNamespace
 
-    docker = docker_client()
-    if not docker or subprocess.run([docker, "info"], capture_output=True).returncode != 0:
+    docker = docker_engine()
+    if not docker:
         pytest.skip("no Docker engine answers here (CI starts one with .ci/docker-up)")
     log = tmp_path_factory.mktemp("images") / "build.log"
     env = {**os.environ, "DOCKER": docker}
