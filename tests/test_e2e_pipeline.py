@@ -54,12 +54,12 @@ def finished_run(request, tmp_path_factory):
     else:
         store = str(base / "store")
 
-    def tunectl(*args: str) -> subprocess.CompletedProcess[str]:
+    def tunectl(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         proc = subprocess.run(
             [sys.executable, "-m", "tunectl.cli", "--store", store, *args],
             capture_output=True,
             text=True,
-            env=env,
+            env={**env, **(extra_env or {})},
             timeout=3600,
         )
         assert proc.returncode == 0, f"tunectl {' '.join(args)}:\n{proc.stderr[-4000:]}"
@@ -152,16 +152,26 @@ def _ollama_generate(url: str, name: str, instruction: str, inp: str, max_tokens
 
 
 @pytest.mark.parametrize("quant", ["q4_k_m", "f16"])
-def test_pull_into_ollama_answers_chinese_and_stops(finished_run, ollama_server, quant, monkeypatch):
+def test_pull_into_ollama_answers_chinese_and_stops(finished_run, ollama_server, quant):
     """`pull --to ollama` creates the model on a real server and checks one generation; here the server is asked
     again through its HTTP API with the Chinese test prompt. On the f16 file its greedy answer is llama.cpp's, word
     for word (quantized types start alike, then part: the two ggml builds round quantized dot products apart)."""
     from llama_cpp import Llama
 
     run, dest, name = finished_run.run, finished_run.tmp / f"ollama-{quant}", f"tiny-{quant}:latest"
-    monkeypatch.setenv("TUNECTL_OLLAMA", ollama_server.binary)
     out = finished_run.tunectl(
-        "pull", run, "--to", "ollama", str(dest), "--quant", quant, "--name", name, "--ollama-host", ollama_server.url
+        "pull",
+        run,
+        "--to",
+        "ollama",
+        str(dest),
+        "--quant",
+        quant,
+        "--name",
+        name,
+        "--ollama-host",
+        ollama_server.url,
+        extra_env={"TUNECTL_OLLAMA": ollama_server.binary},
     ).stdout
     assert f"created {name} on {ollama_server.url}" in out
     assert re.search(r"answered in \d+ tokens and stopped", out), out
@@ -186,11 +196,12 @@ def test_pull_into_ollama_answers_chinese_and_stops(finished_run, ollama_server,
         assert answer["response"] == direct
 
 
-def test_pull_into_ollama_without_a_client_leaves_files_and_the_command(finished_run, monkeypatch):
-    monkeypatch.setenv("TUNECTL_OLLAMA", "")
-    monkeypatch.setenv("PATH", os.path.dirname(sys.executable) + os.pathsep + "/usr/bin:/bin")
+def test_pull_into_ollama_without_a_client_leaves_files_and_the_command(finished_run, tmp_path):
+    (tmp_path / "bin").mkdir()  # a PATH with python only: no ollama client to find
+    (tmp_path / "bin" / "python").symlink_to(sys.executable)
+    no_client = {"TUNECTL_OLLAMA": "", "PATH": str(tmp_path / "bin"), "OLLAMA_HOST": ""}
     dest = finished_run.tmp / "ollama-files"
-    out = finished_run.tunectl("pull", finished_run.run, "--to", "ollama", str(dest)).stdout
+    out = finished_run.tunectl("pull", finished_run.run, "--to", "ollama", str(dest), extra_env=no_client).stdout
     assert "no Ollama client here" in out
     hint = (
         f"cd {dest / 'gguf'} && OLLAMA_HOST=http://127.0.0.1:11434 ollama create {finished_run.run}:q4_k_m -f Modelfile"
