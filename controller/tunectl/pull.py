@@ -18,6 +18,7 @@ from .errors import TunectlError
 from .store import MANIFEST, Store, selected_files
 
 STAGES = ("train", "merge", "gguf")
+EXAMPLE_PROMPT = "Say hello in one short sentence."  # where the run recorded no test prompt of its own
 _GGUF = re.compile(r"-([a-z0-9_]+)\.gguf$")
 
 
@@ -145,7 +146,7 @@ def to_ollama(
         result["hint"] = ollama.create_hint(name, path, url)
         return result
     ollama.create(exe, name, path, url)
-    instruction = entry.get("instruction") or "Say hello in one short sentence."
+    instruction = entry.get("instruction") or EXAMPLE_PROMPT
     inp = entry.get("input", "")
     out = ollama.verify(url, name, instruction, inp, int(entry.get("max_tokens") or 128))
     result.update(created=True, asked=" / ".join(filter(None, (instruction, inp))), answer=out["response"])
@@ -167,15 +168,15 @@ def to_vllm(
     """Pull the merged 16-bit model (or the LoRA adapter) into `dest`, laid out for `vllm serve`, with the
     serving contract checked and fixed in its files."""
     part = "lora" if adapter else "merged-16bit"
-    manifests = plan(store, run, "merge", None, only=lambda rel: rel.startswith(f"{part}/"))
-    if manifests[0].files == 0:
+    selections = plan(store, run, "merge", None, only=lambda rel: rel.startswith(f"{part}/"))
+    if selections[0].files == 0:
         what = "LoRA adapter (export.lora)" if adapter else "merged 16-bit model (export.merged_16bit)"
         raise TunectlError(f"run {run}'s merge stage exported no {what}")
-    transfer(store, run, dest / vllm.PULLED, manifests, bar)
     merge_manifest = store.manifest(run, "merge") or {}
     contract = merge_manifest.get("contract")
-    if not contract:
+    if not contract:  # before fetching gigabytes
         raise ContractError(f"run {run}'s merge manifest has no contract: re-run its merge stage")
+    transfer(store, run, dest / vllm.PULLED, selections, bar)
     vllm.link_tree(dest / vllm.PULLED / "merge" / part, dest)
     fixed = check_model_dir(dest, contract)
     name = name or run
@@ -185,5 +186,5 @@ def to_vllm(
         result["serve"] = vllm.serve_command(dest, name, base or "BASE_MODEL", vllm.adapter_rank(dest))
     else:
         result["serve"] = vllm.serve_command(dest, name)
-    result["request"] = vllm.request_example(name, "Say hello in one short sentence.", 128)
+    result["request"] = vllm.request_example(name, EXAMPLE_PROMPT, 128)
     return result
