@@ -147,35 +147,34 @@ def check_model_dir(model_dir: Path, contract: dict[str, Any]) -> list[str]:
 
     tok_cfg_path = model_dir / "tokenizer_config.json"
     tok_cfg = _read(tok_cfg_path) or {}
+
+    def current(key: str) -> Any:
+        return _token_str(tok_cfg.get(key)) if key.endswith("_token") else tok_cfg.get(key)
+
     want = {"eos_token": eos, "eos_token_id": eos_id, "pad_token": pad, "pad_token_id": pad_id}
+    # The token strings are always written; the ids only where the file carries them.
     changed = {
-        k: v
-        for k, v in want.items()
-        if v is not None
-        and (k in tok_cfg or k in ("eos_token", "pad_token"))
-        and (_token_str(tok_cfg.get(k)) if k.endswith("_token") else tok_cfg.get(k)) != v
+        k: v for k, v in want.items() if v is not None and (k in tok_cfg or k.endswith("_token")) and current(k) != v
     }
     if changed:
-        before = {k: _token_str(tok_cfg.get(k)) if k.endswith("_token") else tok_cfg.get(k) for k in changed}
+        fixed.append(f"tokenizer_config.json: { {k: current(k) for k in changed} } -> {changed}")
         tok_cfg.update(changed)
-        fixed.append(f"tokenizer_config.json: {before} -> {changed}")
 
     template = chat_template(
         contract["prompt_template"], _token_str(tok_cfg.get("bos_token")) if adds_bos(tok_json, tok_cfg) else None
     )
     tpl_path = model_dir / CHAT_TEMPLATE_FILE
-    current = tpl_path.read_text(encoding="utf-8") if tpl_path.is_file() else tok_cfg.get("chat_template")
-    if current != template:
+    existing = tpl_path.read_text(encoding="utf-8") if tpl_path.is_file() else tok_cfg.get("chat_template")
+    if existing != template:
         _write(tpl_path, template)
-        fixed.append(
-            f"{CHAT_TEMPLATE_FILE}: {'replaced the base model' + chr(39) + 's chat format' if current else 'written'}"
-            " with one that renders the training prompt"
-        )
-    if "chat_template" in tok_cfg and tok_cfg["chat_template"] != template:
+        what = "replaced the base model's chat format" if existing else "written"
+        fixed.append(f"{CHAT_TEMPLATE_FILE}: {what} with one that renders the training prompt")
+    stale_template = "chat_template" in tok_cfg and tok_cfg["chat_template"] != template
+    if stale_template:
         tok_cfg["chat_template"] = template
-        if not any(f.startswith("tokenizer_config.json") for f in fixed):
+        if not changed:
             fixed.append("tokenizer_config.json: chat_template set to the training prompt")
-    if any(f.startswith("tokenizer_config.json") for f in fixed):
+    if changed or stale_template:
         _write_json(tok_cfg_path, tok_cfg)
 
     config_path = model_dir / "config.json"

@@ -28,6 +28,7 @@ class Selection:
     select: Callable[[str], bool] | None
     size: int
     files: int
+    manifest: dict[str, Any]
 
 
 def plan(
@@ -65,7 +66,7 @@ def plan(
         if only is not None:
             select = only if select is None else (lambda rel, a=select, b=only: a(rel) and b(rel))
         chosen = [m for _, m in selected_files(manifest, select)]
-        out.append(Selection(s, select, sum(m["size"] for m in chosen), len(chosen)))
+        out.append(Selection(s, select, sum(m["size"] for m in chosen), len(chosen), manifest))
     if not out:
         raise TunectlError(f"run {run} has no completed stage yet")
     return out
@@ -96,12 +97,11 @@ def pull(store: Store, run: str, dest: Path, selections: list[Selection], progre
         (dest / sel.stage / MANIFEST).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
 
 
-def gguf_choice(store: Store, run: str, quant: str | None) -> tuple[str, dict[str, Any]]:
-    """The GGUF type to serve (q4_k_m unless asked; else the first the run made) and the gguf manifest."""
-    plan(store, run, "gguf", quant)  # the one-line errors: unknown run, no gguf stage, no such type
-    manifest = store.manifest(run, "gguf") or {}
-    have = [m.group(1) for f in manifest["files"] if (m := _GGUF.search(f))]
-    return quant or ("q4_k_m" if "q4_k_m" in have else have[0]), manifest
+def default_quant(store: Store, run: str) -> str | None:
+    """q4_k_m where the run made it, else the first type it made (None: `plan` will say what is missing)."""
+    manifest = store.manifest(run, "gguf")
+    have = [m.group(1) for f in (manifest or {}).get("files", {}) if (m := _GGUF.search(f))]
+    return "q4_k_m" if "q4_k_m" in have else next(iter(have), None)
 
 
 def smoke_entry(manifest: dict[str, Any], quant: str) -> dict[str, Any]:
@@ -130,10 +130,12 @@ def to_ollama(
 ) -> dict[str, Any]:
     """Pull one GGUF, write a Modelfile from the manifest's contract, and (with an Ollama client here) create
     the model on the server and check that it answers and stops. Returns what happened, for the CLI to print."""
-    quant, manifest = gguf_choice(store, run, quant)
+    quant = quant or default_quant(store, run)
+    # the one-line errors (unknown run, no gguf stage, no such type) come from plan
+    selections = plan(store, run, "gguf", quant, only=lambda rel: rel != "Modelfile")
+    manifest = selections[0].manifest
     name = ollama.check_name(name or f"{run}:{quant}")
     entry = smoke_entry(manifest, quant)
-    selections = plan(store, run, "gguf", quant, only=lambda rel: rel != "Modelfile")
     transfer(store, run, dest, selections, bar)
     gguf_dir = dest / "gguf"
     gguf_name = next(f for f in manifest["files"] if f.endswith(f"-{quant}.gguf"))
@@ -172,7 +174,7 @@ def to_vllm(
     if selections[0].files == 0:
         what = "LoRA adapter (export.lora)" if adapter else "merged 16-bit model (export.merged_16bit)"
         raise TunectlError(f"run {run}'s merge stage exported no {what}")
-    merge_manifest = store.manifest(run, "merge") or {}
+    merge_manifest = selections[0].manifest
     contract = merge_manifest.get("contract")
     if not contract:  # before fetching gigabytes
         raise ContractError(f"run {run}'s merge manifest has no contract: re-run its merge stage")
