@@ -12,6 +12,7 @@ process on the same synthetic Chinese Alpaca rows, seed and step count:
     hf-kbit          the same plus PEFT's prepare_model_for_kbit_training (the classic QLoRA recipe)
     tunectl-fast     the train stage with the throughput preset (one micro-batch of 4 rows, no recompute)
     tunectl-fast8    the same with 8 rows per micro-batch (8 rows per optimizer step); -fast16: 16 rows
+    tunectl-fast-bf16  tunectl-fast on the 16-bit base (model.load_in_4bit=false)
 
 NAME#2 in --configs runs NAME again (a repeat, for run-to-run noise). Results and docs: docs/gpu-benchmarks.md.
 
@@ -86,6 +87,8 @@ CONFIGS: dict[str, dict[str, Any]] = {
     "tunectl-fast": {"backend": "tunectl", "bs": 4, "ga": 1, "gc": False},
     "tunectl-fast8": {"backend": "tunectl", "bs": 8, "ga": 1, "gc": False},
     "tunectl-fast16": {"backend": "tunectl", "bs": 16, "ga": 1, "gc": False},
+    # The throughput preset on the 16-bit base (LoRA instead of QLoRA: no NF4 de-quantisation in each pass).
+    "tunectl-fast-bf16": {"backend": "tunectl", "bs": 4, "ga": 1, "gc": False, "base16": True},
 }
 # Rough seconds a configuration needs besides its steps (start, imports, model load, save), to skip what
 # cannot finish before the deadline.
@@ -314,8 +317,12 @@ def write_data(work: Path, n: int) -> dict[str, Any]:
 
 
 class Probe:
-    def __init__(self, pad_id: int | None):
+    def __init__(self, pad_id: int | None, profile_from: int | None = None):
         self.pad_id = pad_id
+        self.profile_from = profile_from  # global step after which the remaining steps run under torch.profiler
+        self._prof: Any = None
+        self._prof_t0, self._prof_step0 = 0.0, 0
+        self.profile: dict[str, Any] = {}
         self.steps: list[dict[str, Any]] = []
         self.logs: list[dict[str, Any]] = []
         self.info: dict[str, Any] = {}
@@ -401,6 +408,10 @@ class Probe:
                 sync()
                 probe.t0 = time.perf_counter()
 
+            def on_step_begin(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if probe.profile_from is not None and state.global_step == probe.profile_from and not probe._prof:
+                    probe.start_profile()
+
             def on_step_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
                 sync()
                 t = time.perf_counter() - probe.t0
@@ -425,12 +436,58 @@ class Probe:
                     )
 
             def on_train_end(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+                if probe._prof is not None:
+                    sync()
+                    probe.stop_profile(state.global_step)
                 for h in probe._hooks:
                     h.remove()
                 if torch.cuda.is_available():
                     probe.info["peak_alloc_train_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
 
         return _CB()
+
+    def start_profile(self) -> None:
+        import torch
+
+        acts = [torch.profiler.ProfilerActivity.CPU]
+        if torch.cuda.is_available():
+            acts.append(torch.profiler.ProfilerActivity.CUDA)
+        self._prof = torch.profiler.profile(activities=acts)
+        self._prof.__enter__()
+        self._prof_t0 = time.perf_counter()
+        self._prof_step0 = len(self.steps)
+
+    def stop_profile(self, step: int) -> None:
+        """How much of the profiled steps' wall time the GPU spent running kernels (union of kernel intervals,
+        so overlapping streams count once), and which kernels took it."""
+        from torch.autograd import DeviceType
+
+        wall = time.perf_counter() - self._prof_t0
+        self._prof.__exit__(None, None, None)
+        kernels = [
+            e
+            for e in self._prof.events()
+            if e.device_type == DeviceType.CUDA and not getattr(e, "is_user_annotation", False)
+        ]
+        spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
+        busy, end = 0.0, float("-inf")
+        for a, b in spans:
+            if b > end:
+                busy += b - max(a, end)
+                end = b
+        by_name: dict[str, list[float]] = {}
+        for e in kernels:
+            by_name.setdefault(e.name, []).append(e.time_range.elapsed_us())
+        top = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:20]
+        n = max(1, step - self.profile_from) if self.profile_from is not None else 1
+        self.profile = {
+            "steps": n,
+            "wall_s_per_step": round(wall / n, 4),  # includes the profiler's own overhead
+            "gpu_busy_s_per_step": round(busy / 1e6 / n, 4),
+            "kernels_per_step": round(len(kernels) / n),
+            "top_kernels": [[name[:120], round(sum(v) / 1e3 / n, 2), len(v) // n] for name, v in top],
+        }
+        self._prof = None
 
     def install(self) -> None:
         """Add the callback to every trainer built from now on, without touching the code that builds it."""
@@ -447,15 +504,18 @@ class Probe:
 
     def summary(self, warmup: int, flops: dict[str, float], peak_tflops: float) -> dict[str, Any]:
         out: dict[str, Any] = {"steps": self.steps, "log": self.logs, **self.info}
-        if len(self.steps) <= warmup:
+        if self.profile:
+            out["profile"] = self.profile
+        steps = self.steps[: self._prof_step0] if self.profile else self.steps  # profiled steps run slower
+        if len(steps) <= warmup:
             return out
-        a, b = self.steps[warmup - 1] if warmup else {"t": 0.0, "tokens": 0, "pairs": 0, "seqs": 0}, self.steps[-1]
+        a, b = steps[warmup - 1] if warmup else {"t": 0.0, "tokens": 0, "pairs": 0, "seqs": 0}, steps[-1]
         secs = b["t"] - a["t"]
         tokens, pairs = b["tokens"] - a["tokens"], b["pairs"] - a["pairs"]
-        step_s = sorted(y["t"] - x["t"] for x, y in zip(self.steps[warmup - 1 : -1], self.steps[warmup:], strict=True))
+        step_s = sorted(y["t"] - x["t"] for x, y in zip(steps[warmup - 1 : -1], steps[warmup:], strict=True))
         model_flop = tokens * flops["per_token"] + pairs * flops["per_pair"]
         out["timed"] = {
-            "steps": len(self.steps) - warmup,
+            "steps": len(steps) - warmup,
             "after_warmup_steps": warmup,
             "seconds": round(secs, 3),
             "tokens": tokens,
@@ -522,6 +582,9 @@ def run_tunectl(cfg: dict[str, Any], work: Path, steps: int, tag: str) -> dict[s
         ]
     if cfg["gc"] != "unsloth":
         sets.append(f"lora.use_gradient_checkpointing={str(cfg['gc']).lower()}")
+    if cfg.get("base16"):
+        sets[0] = f"model.name={work / BASE_DIR}"
+        sets.append("model.load_in_4bit=false")
     recipe = load_recipe("ruozhiba", sets)
     rfile = work / f"recipe-{tag}.yaml"
     rfile.write_text(recipe.to_yaml())
@@ -606,7 +669,7 @@ def run_hf(cfg: dict[str, Any], work: Path, steps: int, tag: str) -> dict[str, A
     return {"exit_code": 0, "attn_implementation": model.config._attn_implementation}
 
 
-def worker(name: str, work: Path, steps: int, warmup: int, out_json: Path, tiny: bool) -> int:
+def worker(name: str, work: Path, steps: int, warmup: int, out_json: Path, tiny: bool, profile: int = 0) -> int:
     import importlib.util
 
     cfg = CONFIGS[name.split("#")[0]]  # NAME#2: a repeat of NAME
@@ -621,7 +684,7 @@ def worker(name: str, work: Path, steps: int, warmup: int, out_json: Path, tiny:
     from transformers import AutoTokenizer
 
     pad_id = AutoTokenizer.from_pretrained(work / Q4_DIR).pad_token_id
-    probe = Probe(pad_id)
+    probe = Probe(pad_id, profile_from=steps - profile if profile else None)
     probe.install()
     result: dict[str, Any] = {"name": name, **cfg, "steps_requested": steps}
     t0 = time.time()
@@ -727,6 +790,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         cj = a.work / f"result-{name}.json"
         cj.unlink(missing_ok=True)
         cmd = [*me, "worker", name, "--work", str(a.work), "--steps", str(a.steps), "--warmup", str(a.warmup)]
+        cmd += ["--profile", str(a.profile)]
         rc, secs = _run_child([*cmd, "--json", str(cj), *tiny], log, left - 5)
         r = json.loads(cj.read_text()) if cj.is_file() else {"name": name, "ok": False, "error": f"exit {rc}"}
         r["process_s"] = round(secs, 1)
@@ -738,6 +802,15 @@ def cmd_run(a: argparse.Namespace) -> int:
             f"peak={r.get('peak_alloc_gib')}GiB err={r.get('error', '')[:300]}",
             flush=True,
         )
+        if r.get("profile"):
+            pr = r["profile"]
+            print(
+                f"  profiled {pr['steps']} steps: {pr['wall_s_per_step']} s/step wall (profiler on), GPU busy "
+                f"{pr['gpu_busy_s_per_step']} s/step, {pr['kernels_per_step']} kernels/step",
+                flush=True,
+            )
+            for name, ms, count in pr["top_kernels"][:12]:
+                print(f"    {ms:9.2f} ms/step {count:6d}x  {name[:90]}", flush=True)
     results["total_s"] = round(time.time() - t_start, 1)
     save()
     print_table(results)
@@ -833,6 +906,7 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--deadline-s", type=float, default=540)
     r.add_argument("--results-name", default="train.json")
     r.add_argument("--tiny", action="store_true", help="tiny shape, for a CPU smoke test")
+    r.add_argument("--profile", type=int, default=0, help="run the last N steps under torch.profiler (not timed)")
     b = sub.add_parser("build")
     b.add_argument("--work", type=Path, required=True)
     b.add_argument("--tiny", action="store_true")
@@ -843,6 +917,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--warmup", type=int, required=True)
     w.add_argument("--json", type=Path, required=True)
     w.add_argument("--tiny", action="store_true")
+    w.add_argument("--profile", type=int, default=0)
     p = sub.add_parser("plot")
     p.add_argument("results", nargs="+")
     p.add_argument("--png", type=Path, required=True)
@@ -855,7 +930,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(build(a.work, a.tiny)), flush=True)
         return 0
     if a.cmd == "worker":
-        return worker(a.name, a.work, a.steps, a.warmup, a.json, a.tiny)
+        return worker(a.name, a.work, a.steps, a.warmup, a.json, a.tiny, a.profile)
     return cmd_plot(a)
 
 

@@ -169,6 +169,24 @@ def test_upload_survives_minio_restart_and_no_manifest_appears_meanwhile(bucket,
     assert sha256_file(got.file("adapter/weights.bin")) == doc["files"]["adapter/weights.bin"]["sha256"]
 
 
+def test_download_cut_mid_range_is_retried(bucket, minio, tmp_path, small_parts, monkeypatch, caplog):
+    """A connection closed in the middle of a range's body (a real TCP proxy in front of MinIO cuts it): the
+    range is fetched again and the pull completes, verified."""
+    from cutting_proxy import CuttingProxy
+
+    src = _stage_dir(tmp_path / "src", big_mib=6)
+    open_store(f"s3://{bucket}").publish("r1", "train", src, {})
+    proxy = CuttingProxy(("127.0.0.1", minio.port), after=512 * 2**10)  # inside the first 1 MiB range
+    try:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", proxy.endpoint)
+        got = open_store(f"s3://{bucket}").fetch("r1", "train", dest=tmp_path / "out")
+    finally:
+        proxy.close()
+    assert proxy.cut == 1
+    assert any("downloading runs/r1/train/adapter/weights.bin failed" in r.message for r in caplog.records)
+    assert sha256_file(got.file("adapter/weights.bin")) == sha256_file(src / "adapter" / "weights.bin")
+
+
 def test_interrupted_pull_resumes_with_only_the_missing_bytes(bucket, tmp_path, small_parts, monkeypatch):
     store = open_store(f"s3://{bucket}")
     src = _stage_dir(tmp_path / "src", big_mib=8)
@@ -212,6 +230,35 @@ def test_interrupted_pull_resumes_with_only_the_missing_bytes(bucket, tmp_path, 
     fetched.clear()
     store.fetch("r1", "train", dest=tmp_path / "out")  # everything present and verified: nothing sent
     assert fetched == []
+
+
+def test_resumed_pull_with_a_damaged_partial_file_downloads_it_again(bucket, tmp_path, small_parts):
+    store = open_store(f"s3://{bucket}")
+    src = _stage_dir(tmp_path / "src", big_mib=8)
+    store.publish("r1", "train", src, {})
+
+    class Interrupted(Exception):
+        pass
+
+    done = 0
+
+    def stop_half_way(n: int) -> None:
+        nonlocal done
+        done += n
+        if done > 4 * 2**20:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        store.fetch("r1", "train", dest=tmp_path / "out", progress=stop_half_way)
+    part = tmp_path / "out" / "adapter" / "weights.bin.part"
+    assert part.stat().st_size > 0
+    with open(part, "r+b") as f:  # one flipped byte in what was already downloaded
+        b = f.read(1)
+        f.seek(0)
+        f.write(bytes([b[0] ^ 0xFF]))
+    got = store.fetch("r1", "train", dest=tmp_path / "out")
+    assert sha256_file(got.file("adapter/weights.bin")) == sha256_file(src / "adapter" / "weights.bin")
+    assert not part.exists()
 
 
 def test_list_runs_reads_the_bucket(bucket, tmp_path):

@@ -16,6 +16,7 @@ Transfers are safe to interrupt and repeat:
 
 from __future__ import annotations
 
+import http.client
 import json
 import logging
 import os
@@ -24,7 +25,7 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
@@ -39,6 +40,7 @@ from .store import (
     safe_key,
     selected_files,
     sha256_file,
+    sha256_prefix,
 )
 
 T = TypeVar("T")
@@ -325,7 +327,8 @@ class S3Store:
         self, key: str, path: Path, meta: dict[str, Any], run: str, stage: str, rel: str, progress: Progress | None
     ) -> None:
         """Ranges are fetched in parallel and appended in order, so `<file>.part` is always a prefix of the object:
-        an interrupted download resumes from its end."""
+        an interrupted download resumes from its end. The sha256 is computed from the ranges in memory, in order,
+        on a thread of its own (hashlib releases the GIL), so verifying costs no second pass over the file."""
         size, sha = int(meta["size"]), meta["sha256"]
         if matches(path, meta):
             if progress:
@@ -338,13 +341,15 @@ class S3Store:
         if not offset:
             part.write_bytes(b"")
             ident.write_text(json.dumps({"size": size, "sha256": sha}))
+        digest = sha256_prefix(part, offset)
         if progress:
             progress(offset)
         ranges = iter([(o, min(o + RANGE_SIZE, size)) for o in range(offset, size, RANGE_SIZE)])
 
-        # Reused buffers: fresh 16 MiB allocations per range cost page faults that show up in throughput.
+        # Reused buffers: fresh 16 MiB allocations per range cost page faults that show up in throughput. A buffer
+        # goes back to the pool once it is written and hashed; the spare ones let the hash lag behind a little.
         buffers: queue.SimpleQueue[bytearray] = queue.SimpleQueue()
-        for _ in range(CONCURRENCY + 1):
+        for _ in range(CONCURRENCY + 3):
             buffers.put(bytearray(RANGE_SIZE))
 
         def get(r: tuple[int, int]) -> memoryview:
@@ -355,43 +360,70 @@ class S3Store:
                     "Body"
                 ]
                 view, got = memoryview(buf)[: end - start], 0
-                while got < len(view) and (n := body.readinto(view[got:])):
+                readinto, release = _socket_reader(body)
+                while got < len(view) and (n := readinto(view[got:])):
                     got += n
-                if got != end - start:
-                    raise ArtifactError(f"{rel}: the store returned {got} bytes for a {end - start}-byte range")
+                release()
+                if got != end - start:  # the connection closed early: retried like any dropped connection
+                    raise ConnectionError(f"{rel}: the store sent {got} bytes of a {end - start}-byte range")
                 return view
 
             buf = buffers.get()
             return self._retry(f"downloading {key}", once)
 
+        def hash_and_release(view: memoryview) -> None:
+            digest.update(view)
+            buffers.put(view.obj)  # type: ignore[arg-type]
+
         pool = ThreadPoolExecutor(max_workers=CONCURRENCY)
+        hasher = ThreadPoolExecutor(max_workers=1)  # one thread: updates stay in order
+        hashed: list[Future[None]] = []
         try:
             with open(part, "ab") as out:
                 inflight = deque(pool.submit(get, r) for r in islice(ranges, CONCURRENCY))
                 while inflight:
                     view = inflight.popleft().result()
                     out.write(view)
+                    hashed.append(hasher.submit(hash_and_release, view))
                     if progress:
                         progress(len(view))
-                    buffers.put(view.obj)  # type: ignore[arg-type]
                     nxt = next(ranges, None)
                     if nxt is not None:
                         inflight.append(pool.submit(get, nxt))
+            for f in hashed:
+                f.result()
         except BaseException:
             pool.shutdown(wait=True, cancel_futures=True)  # stop at once; the prefix written so far is kept
+            hasher.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown()
-        # Verified once the bytes are down: hashing inside the loop competes with the transfer for the CPU and
-        # measured slower (docs/benchmarks.md).
-        if sha256_file(part) != sha:
+        hasher.shutdown()
+        if digest.hexdigest() != sha:
             part.unlink()
             ident.unlink(missing_ok=True)
+            if offset:  # the kept prefix may be what is damaged (it sat on this disk): once more, from the start
+                log.info("%s: checksum mismatch after resuming; downloading it again from the start", rel)
+                return self._download(key, path, meta, run, stage, rel, progress)
             raise ArtifactError(
                 f"run {run} stage {stage}: {rel} does not match its manifest checksum (corrupted "
                 f"in {self.uri}); re-run the stage"
             )
         os.replace(part, path)
         ident.unlink(missing_ok=True)
+
+
+def _socket_reader(body: Any) -> tuple[Callable[[memoryview], int], Callable[[], None]]:
+    """`readinto` straight from the HTTP response under botocore's body, and how to hand its connection back.
+
+    urllib3's own `readinto` reads into a new bytes object and copies it over, and `http.client` under it does the
+    same once more: two fresh allocations and two extra copies of every range, a third of a pull's time here
+    (docs/benchmarks.md). Bodies that are not plain identity-encoded HTTP responses keep the slow path."""
+    raw = getattr(body, "_raw_stream", None)
+    fp = getattr(raw, "_fp", None)
+    headers = getattr(raw, "headers", None) or {}
+    if fp is None or not hasattr(fp, "readinto") or headers.get("content-encoding", "identity") != "identity":
+        return body.readinto, lambda: None
+    return fp.readinto, raw.release_conn
 
 
 def _resumable_prefix(part: Path, ident: Path, size: int, sha: str) -> int:
@@ -430,6 +462,7 @@ def _is_transient(e: Exception) -> bool:
             ResponseStreamingError,
             ConnectionError,
             TimeoutError,
+            http.client.HTTPException,  # IncompleteRead and friends, from reading the response directly
         ),
     ):
         return True

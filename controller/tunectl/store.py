@@ -30,11 +30,17 @@ _CHUNK = 1 << 20
 
 
 def sha256_file(path: Path) -> str:
+    return sha256_prefix(path, path.stat().st_size).hexdigest()
+
+
+def sha256_prefix(path: Path, length: int) -> hashlib._Hash:
+    """The running sha256 of the first `length` bytes of `path`, to be continued with what follows them."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+        while length > 0 and (chunk := f.read(min(_CHUNK, length))):
             h.update(chunk)
-    return h.hexdigest()
+            length -= len(chunk)
+    return h
 
 
 def matches(path: Path, meta: dict[str, Any]) -> bool:
