@@ -268,3 +268,21 @@ def test_list_runs_reads_the_bucket(bucket, tmp_path):
     store.write_text("runs/orphan/train/manifest.json", "{}")  # no run.json: not a run
     assert store.list_runs() == ["a-run", "b-run"]
     assert json.loads(store.read_text("runs/a-run/run.json")) == {"run": "a-run"}
+
+
+def test_bodies_that_are_not_plain_http_responses_are_read_through_botocore():
+    """The direct socket read applies only to an identity-encoded HTTP response; anything else (here a body over
+    an in-memory stream) is read through the body's own readinto."""
+    import io
+
+    from botocore.response import StreamingBody
+
+    data = os.urandom(3 * 2**20 + 7)
+    body = StreamingBody(io.BytesIO(data), len(data))
+    readinto, release = s3store._socket_reader(body)
+    buf, got = memoryview(bytearray(len(data))), 0
+    while got < len(buf) and (n := readinto(buf[got:])):
+        got += n
+    release()
+    assert readinto == body.readinto
+    assert got == len(data) and bytes(buf) == data
