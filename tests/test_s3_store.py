@@ -34,6 +34,24 @@ def _stage_dir(root: Path, big_mib: int = 5) -> Path:
     return root
 
 
+def _fetch_interrupted(store: S3Store, dest: Path, after: int) -> None:
+    """Start pulling run r1's train stage into `dest` and stop it (as Ctrl-C would) after `after` bytes."""
+
+    class Interrupted(Exception):
+        pass
+
+    done = 0
+
+    def stop(n: int) -> None:
+        nonlocal done
+        done += n
+        if done > after:
+            raise Interrupted
+
+    with pytest.raises(Interrupted):
+        store.fetch("r1", "train", dest=dest, progress=stop)
+
+
 def _count_uploads(store: S3Store, monkeypatch) -> list[str]:
     sent: list[str] = []
     real = store.client.upload_file
@@ -204,19 +222,7 @@ def test_interrupted_pull_resumes_with_only_the_missing_bytes(bucket, tmp_path, 
 
     monkeypatch.setattr(store.client, "get_object", counting_get)
 
-    class Interrupted(Exception):
-        pass
-
-    done = 0
-
-    def stop_half_way(n: int) -> None:
-        nonlocal done
-        done += n
-        if done > total // 2:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        store.fetch("r1", "train", dest=tmp_path / "out", progress=stop_half_way)
+    _fetch_interrupted(store, tmp_path / "out", after=total // 2)
     first = sum(fetched)
     assert 0 < first < total
     fetched.clear()
@@ -237,19 +243,7 @@ def test_resumed_pull_with_a_damaged_partial_file_downloads_it_again(bucket, tmp
     src = _stage_dir(tmp_path / "src", big_mib=8)
     store.publish("r1", "train", src, {})
 
-    class Interrupted(Exception):
-        pass
-
-    done = 0
-
-    def stop_half_way(n: int) -> None:
-        nonlocal done
-        done += n
-        if done > 4 * 2**20:
-            raise Interrupted
-
-    with pytest.raises(Interrupted):
-        store.fetch("r1", "train", dest=tmp_path / "out", progress=stop_half_way)
+    _fetch_interrupted(store, tmp_path / "out", after=4 * 2**20)
     part = tmp_path / "out" / "adapter" / "weights.bin.part"
     assert part.stat().st_size > 0
     with open(part, "r+b") as f:  # one flipped byte in what was already downloaded
