@@ -3,7 +3,8 @@
 PYTHON ?= python3
 CACHE  ?= $(HOME)/.cache/tunectl
 VENV   ?= $(CACHE)/venv
-STAMP  := $(VENV)/.deps-$(shell cat pyproject.toml Makefile | sha256sum | cut -c1-12)
+# The venv is rebuilt when the dependencies or the recipe below that installs them change, not for other edits here.
+STAMP  := $(VENV)/.deps-$(shell { cat pyproject.toml; sed -n '/^$$(STAMP):/,/^$$/p' Makefile; } | sha256sum | cut -c1-12)
 BIN    := $(VENV)/bin
 # Go tools the tests run for real, built from their modules at pinned versions into a bin dir per version.
 TOOLS  ?= $(CACHE)/bin
