@@ -462,7 +462,7 @@ def _is_transient(e: Exception) -> bool:
             ResponseStreamingError,
             ConnectionError,
             TimeoutError,
-            http.client.HTTPException,  # IncompleteRead and friends, from reading the response directly
+            http.client.IncompleteRead,  # a response cut short, read directly from http.client
         ),
     ):
         return True
