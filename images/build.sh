@@ -27,6 +27,17 @@ pin() { python3 images/requirements.py --version-of "$1"; }
 docker=${DOCKER:-docker}
 if [ -z "${DOCKER:-}" ] && ! docker buildx version >/dev/null 2>&1 && [ -x /usr/bin/docker ]; then docker=/usr/bin/docker; fi
 ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
+# The gguf image takes the portable llama-cpp-python wheel `make setup` built, if it is of the pinned version
+# and build configuration (the image's build stage proves it either way; images/gguf/prebuilt/README.md).
+case " $images " in *" gguf "*)
+  find images/gguf/prebuilt -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
+  key=$(python3 jobs/tunectl_jobs/llamabuild.py --version "$(pin llama-cpp-python)" --print-key)
+  cached=${TUNECTL_CACHE:-$HOME/.cache/tunectl}/wheels/$key
+  if ls "$cached"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    mkdir -p "images/gguf/prebuilt/$key" && cp "$cached"/llama_cpp_python-*.whl "images/gguf/prebuilt/$key/"
+    echo "== tunectl-gguf: using the prebuilt $(basename "$cached"/llama_cpp_python-*.whl) ($key)" >&2
+  fi ;;
+esac
 for image in $images; do
   set -- --network host -f "images/$image/Dockerfile" --build-arg "VERSION=$version" -t "${registry}tunectl-$image:$tag"
   case $image in

@@ -151,6 +151,10 @@ def test_everything_set_reaches_the_objects(recipe):
         "key": "AWS_SECRET_ACCESS_KEY",
     }
     assert env["HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+    # Where the stage keeps its phase and error line: the file the kubelet returns as the termination message.
+    container = train["containers"][0]
+    assert container["terminationMessagePath"] == env["TUNECTL_STATUS_FILE"]["value"] == "/dev/termination-log"
+    assert container["terminationMessagePolicy"] == "File"
 
 
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))

@@ -83,6 +83,11 @@ def test_status_shows_every_stage_succeeded_with_timings(finished_run):
     assert train["final_loss"] < train["first_loss"]
     table = tunectl("status", run).stdout
     assert re.search(r"^gguf\s+succeeded\s+\d+\.\d", table, re.M)
+    # Which of the portable build's CPU variants ggml chose on this machine, named in status.
+    from tunectl_jobs import llamarun
+
+    variant = status["stages"][2]["metrics"]["cpu_variant"]
+    assert variant in llamarun.cpu_variants() and f"llama.cpp CPU variant {variant}" in table
     listed = json.loads(tunectl("list", "-o", "json").stdout)
     assert [r["run"] for r in listed] == [run] and listed[0]["state"] == "succeeded"
     assert "[train] train done" in tunectl("logs", run, "--stage", "train").stdout
@@ -112,7 +117,7 @@ def test_every_stage_wrote_a_verified_manifest(finished_run):
 
 
 def test_pulled_q4_k_m_answers_the_chinese_prompt_and_stops(finished_run):
-    from llama_cpp import Llama
+    from tunectl_jobs import llamarun
 
     dest = finished_run.tmp / "q4"
     finished_run.tunectl("pull", finished_run.run, "--quant", "q4_k_m", "--to", str(dest))
@@ -125,12 +130,13 @@ def test_pulled_q4_k_m_answers_the_chinese_prompt_and_stops(finished_run):
     _verified(dest / "gguf")
     recipe = load_recipe("ruozhiba-tiny")
     prompt = recipe.prompt_for("请用中文回答", "海绵宝宝的书法是不是叫做海绵体？")
-    llm = Llama(model_path=str(dest / "gguf" / "ruozhiba-tiny-q4_k_m.gguf"), n_ctx=1024, verbose=False, seed=0)
-    out = llm.create_completion(prompt, max_tokens=128, temperature=0.0, top_k=1)
-    choice = out["choices"][0]
-    assert choice["finish_reason"] == "stop", choice  # EOS, not the 128-token limit
-    assert out["usage"]["completion_tokens"] < 128
-    assert re.search(r"[\u4e00-\u9fff]", choice["text"]), choice["text"]  # answers in Chinese
+    # In a child process of its own (a crash there is a failed assertion here, not a dead test run).
+    out = llamarun.answer_in_child(dest / "gguf" / "ruozhiba-tiny-q4_k_m.gguf", prompt, 128)
+    assert "error" not in out, out
+    assert out["finish_reason"] == "stop", out  # EOS, not the 128-token limit
+    assert out["completion_tokens"] < 128
+    assert re.search(r"[\u4e00-\u9fff]", out["answer"]), out["answer"]  # answers in Chinese
+    assert out["cpu_variant"] in llamarun.cpu_variants()
 
 
 TEST_PROMPT = ("请用中文回答", "海绵宝宝的书法是不是叫做海绵体？")
@@ -156,7 +162,7 @@ def test_pull_into_ollama_answers_chinese_and_stops(finished_run, ollama_server,
     """`pull --to ollama` creates the model on a real server and checks one generation; here the server is asked
     again through its HTTP API with the Chinese test prompt. On the f16 file its greedy answer is llama.cpp's, word
     for word (quantized types start alike, then part: the two ggml builds round quantized dot products apart)."""
-    from llama_cpp import Llama
+    from tunectl_jobs import llamarun
 
     run, dest, name = finished_run.run, finished_run.tmp / f"ollama-{quant}", f"tiny-{quant}:latest"
     out = finished_run.tunectl(
@@ -190,10 +196,9 @@ def test_pull_into_ollama_answers_chinese_and_stops(finished_run, ollama_server,
     assert re.search(r"[\u4e00-\u9fff]", answer["response"]), answer["response"]
     if quant == "f16":
         assert "answer is the same as llama.cpp's" in out, out
-        llm = Llama(model_path=str(dest / "gguf" / f"ruozhiba-tiny-{quant}.gguf"), n_ctx=1024, verbose=False)
         prompt = load_recipe("ruozhiba-tiny").prompt_for(*TEST_PROMPT)
-        direct = llm.create_completion(prompt, max_tokens=128, temperature=0.0, top_k=1)["choices"][0]["text"]
-        assert answer["response"] == direct
+        direct = llamarun.answer_in_child(dest / "gguf" / f"ruozhiba-tiny-{quant}.gguf", prompt, 128)
+        assert answer["response"] == direct["answer"], direct
 
 
 def test_pull_into_ollama_without_a_client_leaves_files_and_the_command(finished_run, tmp_path):
@@ -263,3 +268,44 @@ def test_pull_adapter_for_vllm_serves_on_its_base(finished_run):
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), dest)
     text, new = _generate_stops(model, tok, [{"role": "user", "content": "为什么天是蓝的？"}])
     assert new[-1] == 2 and len(new) < 128, text
+
+
+def test_a_gguf_whose_llama_cpp_crashes_fails_the_export_and_names_the_file(
+    finished_run, tmp_path, monkeypatch, capsys
+):
+    """The real gguf stage on a copy of the finished run, with a smoke-test child that segfaults on the q4_k_m
+    file (as llama.cpp did on an AMX CPU): that file is named with the signal, the other files are still tested
+    and answer, the stage exits 1, and no manifest is published (the export is not complete)."""
+    import shutil
+
+    from tunectl_jobs import gguf, llamarun
+
+    if finished_run.store.startswith("s3://"):
+        pytest.skip("the directory store's run is copied; one store shows the stage's behaviour")
+    run = finished_run.run
+    src = Path(finished_run.store) / "runs" / run
+    store = tmp_path / "store"
+    shutil.copytree(src, store / "runs" / run, ignore=lambda d, names: ["gguf", ".scratch"] if d == str(src) else [])
+    crash = tmp_path / "crash_on_q4.py"
+    crash.write_text(
+        "import io, json, os, runpy, signal, sys\n"
+        "req = sys.stdin.read()\n"
+        "if json.loads(req)['gguf'].endswith('-q4_k_m.gguf'):\n"
+        "    os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "sys.stdin, sys.argv = io.StringIO(req), ['llamarun', 'answer']\n"
+        f"runpy.run_path({llamarun.__file__!r}, run_name='__main__')\n"
+    )
+    monkeypatch.setattr(gguf, "SMOKE_COMMAND", [sys.executable, str(crash)])
+    rc = gguf.main(["--recipe", str(store / "runs" / run / "recipe.yaml"), "--store", str(store), "--run", run])
+    err = capsys.readouterr().err
+    assert rc == 1
+    assert (
+        "error: killed by SIGSEGV during 'smoke test' of ruozhiba-tiny-q4_k_m.gguf (llama.cpp crashed) "
+        "(q8_0, f16 answered): a GGUF that cannot be run is a failed export"
+    ) in err
+    assert not (store / "runs" / run / "gguf" / "manifest.json").exists()
+    smoke = json.loads((store / "runs" / run / ".scratch" / "gguf" / "smoke.json").read_text())
+    by_type = {s["type"]: s for s in smoke}
+    assert "error" in by_type["q4_k_m"]
+    for t in ("q8_0", "f16"):
+        assert by_type[t]["finish_reason"] == "stop" and by_type[t]["cpu_variant"] in llamarun.cpu_variants()

@@ -399,3 +399,31 @@ def test_reconciler_service_account_has_least_privilege(kube):
     assert status_of(lambda: batch.delete_namespaced_job(f"{run}-merge", kube.namespace)) == 403
     assert status_of(lambda: core.list_namespaced_pod(kube.namespace)) == 403
     assert status_of(lambda: batch.create_namespaced_job(kube.namespace, {"metadata": {"name": "x"}})) == 403
+
+
+def test_a_stage_killed_by_a_signal_is_named_with_its_phase(kube):
+    """The real train program in a pod is sent SIGSEGV mid-phase: the container ends with 139 (128 + 11, as a
+    runtime reports it) and the stage's status document as its termination message, and `tunectl status` names
+    the signal and the phase instead of the last log line."""
+    import signal
+
+    from tunectl.stageexit import read_status_file
+
+    kube.needs_kwok()
+    if kube.docker:
+        pytest.skip("signals a local process; pods run as containers here")
+    with kube.runner(reconciler="hold"):
+        run = kube.submit("--helm-set", "stages.train.backoffLimit=0")
+        wait_for(lambda: kube.pods(run, "train"), 60, "the train pod")
+        message = kube.workdir / "pods" / kube.pods(run, "train")[0].metadata.name / "termination-log"
+        wait_for(lambda: read_status_file(message).get("phase") not in (None, "start"), 300, "train to reach a phase")
+        doc = read_status_file(message)
+        os.kill(doc["pid"], signal.SIGSEGV)
+        wait_for(lambda: kube.status(run)["state"] == "failed", 60, "the run to fail")
+    train = kube.stages(run)["train"]
+    assert train["reason"].startswith(
+        f"killed by SIGSEGV during '{doc['phase']}' (native code crashed), exit code 139"
+    ), train
+    assert train["exit_code"] == 139
+    out = kube.cli("status", run).stdout
+    assert "killed by SIGSEGV" in out and doc["phase"] in out

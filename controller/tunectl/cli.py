@@ -287,6 +287,8 @@ def _metric_summary(stage: dict[str, Any]) -> str:
         parts.append(
             "smoke " + ", ".join(f"{t}: {v['finish_reason']} after {v['tokens']} tok" for t, v in m["smoke"].items())
         )
+    if m.get("cpu_variant"):
+        parts.append(f"llama.cpp CPU variant {m['cpu_variant']}")
     if stage.get("error"):
         parts.append(stage["error"])
     if stage.get("reason"):

@@ -15,7 +15,16 @@ from pathlib import Path
 from typing import Any
 
 from .errors import ConfigError, TunectlError
-from .kubestatus import ANN_STAGES, ANN_STORE, LABEL_RUN, LABEL_STAGE, run_state, seconds, stage_status
+from .kubestatus import (
+    ANN_STAGES,
+    ANN_STORE,
+    LABEL_RUN,
+    LABEL_STAGE,
+    error_line,
+    run_state,
+    seconds,
+    stage_status,
+)
 from .recipe import Recipe
 from .render import render_run
 
@@ -208,7 +217,7 @@ class KubernetesBackend:
             if secs is not None:
                 row["seconds"] = secs
             if with_errors and row["state"] == "failed":
-                error = self._error_line(owned)
+                error = error_line(owned) or self._error_line(owned)
                 if error:
                     row["error"] = error
             rows.append(row)

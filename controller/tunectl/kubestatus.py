@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from .errors import EXIT_CONFIG_ERROR
+from .stageexit import killed, read_status, signal_name, where
 
 LABEL_RUN = "tunectl.dev/run"
 LABEL_STAGE = "tunectl.dev/stage"
@@ -70,13 +71,35 @@ def _unschedulable(pod: dict[str, Any]) -> str | None:
     return None
 
 
+def _signal(term: dict[str, Any]) -> int:
+    """The signal a container died of: the runtime's own field, else an exit code of 128 + N (as the runtime
+    reports a process killed by signal N)."""
+    code = term.get("exitCode") or 0
+    return term.get("signal") or (code - 128 if 128 < code < 128 + 32 else 0)
+
+
 def _exit_text(term: dict[str, Any]) -> str:
+    """Why a container ended, from its terminated state and the stage's status document, which the kubelet
+    returns as the termination message (tunectl.stageexit)."""
     code = term.get("exitCode")
+    status = read_status(term.get("message"))
     if term.get("reason") == "OOMKilled":
-        return f"OOMKilled (exit code {code}): raise the stage's memory limit"
+        return f"OOMKilled (exit code {code}){where(status)}: raise the stage's memory limit"
     if code == EXIT_CONFIG_ERROR:
         return f"failed with exit code {code} (configuration error, not retried)"
+    if _signal(term):
+        return f"{killed(signal_name(_signal(term)), status)}, exit code {code}"
     return f"failed with exit code {code}"
+
+
+def error_line(pods: list[dict[str, Any]]) -> str | None:
+    """The error line the newest failed pod's stage program wrote into its termination message, if any."""
+    for pod in _newest(pods):
+        if (pod.get("status") or {}).get("phase") != "Failed":
+            continue
+        term = _terminated(pod)
+        return read_status(term.get("message")).get("error") if term else None
+    return None
 
 
 def _newest(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -7,9 +7,13 @@ directory per stage whose `manifest.json` marks it complete.
 
 from __future__ import annotations
 
+import ctypes
 import os
+import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from datetime import datetime, timezone
 from typing import IO, Any
 
@@ -19,9 +23,12 @@ from .errors import ConfigError, TunectlError
 from .recipe import Recipe
 from .refs import resolve
 from .runid import new_run_id
+from .stageexit import STATUS_ENV, describe, phase_text, read_status_file
 from .store import Store
 
 STAGES = ("train", "merge", "gguf")
+STOP_GRACE_S = 30  # how long a stage may take to exit after SIGTERM before its process group is killed
+_PR_SET_PDEATHSIG = 1
 
 
 def now() -> str:
@@ -109,7 +116,19 @@ class LocalBackend:
         return run
 
     def execute(self, run: str, echo: IO[str] | None = None) -> None:
-        """Run every pending stage in order; the first failure stops the run and skips the rest."""
+        """Run every pending stage in order; the first failure stops the run and skips the rest.
+
+        SIGTERM is taken as Ctrl-C here: the running stage is stopped and waited for, then the run is marked
+        cancelled. A stage never outlives this process (it gets SIGTERM if this process is killed)."""
+        if threading.current_thread() is not threading.main_thread():
+            return self._execute(run, echo)
+        previous = signal.signal(signal.SIGTERM, _interrupt)
+        try:
+            return self._execute(run, echo)
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    def _execute(self, run: str, echo: IO[str] | None) -> None:
         stages = self.run_record(run)["stages"]
         state = self._state(run)
         for i, stage in enumerate(stages):
@@ -128,11 +147,11 @@ class LocalBackend:
                 state[stage]["state"] = "succeeded"
                 self._save_state(run, state)
                 continue
-            state[stage].update(state="failed", error=error or f"exit code {rc}")
+            error = error or f"exit code {rc}, without a manifest"
+            state[stage].update(state="failed", error=error)
             self._skip(run, state, stages[i + 1 :])
             raise StageFailed(
-                f"stage {stage} of run {run} failed: {error or f'exit code {rc}'} "
-                f"(full log: tunectl logs {run} --stage {stage})"
+                f"stage {stage} of run {run} failed: {error} (full log: tunectl logs {run} --stage {stage})"
             )
 
     def _skip(self, run: str, state: dict[str, Any], rest: list[str]) -> None:
@@ -144,6 +163,8 @@ class LocalBackend:
         work = self.store.local_dir(run)
         log_path = work / "logs" / f"{stage}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
+        status_path = work / "logs" / f"{stage}.status"  # where the stage is (tunectl.stageexit)
+        status_path.unlink(missing_ok=True)
         cmd = [
             sys.executable,
             "-m",
@@ -160,29 +181,43 @@ class LocalBackend:
             "PYTHONUNBUFFERED": "1",
             "TOKENIZERS_PARALLELISM": "false",
             "HF_HUB_DISABLE_TELEMETRY": "1",
+            STATUS_ENV: str(status_path),
         }
         error: str | None = None
         with open(log_path, "wb") as log:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)
+            # Its own process group (Ctrl-C in a terminal reaches this process, which stops the whole group and
+            # waits for it), bound to this process's life.
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                preexec_fn=_die_with(os.getpid()),
+            )
             assert proc.stdout is not None
             pending = b""
-            while chunk := proc.stdout.read1(65536):
-                log.write(chunk)
-                log.flush()
-                if echo is not None:
-                    echo.write(chunk.decode("utf-8", "replace"))
-                    echo.flush()
-                pending = (pending + chunk)[-8192:]
-            rc = proc.wait()
+            try:
+                while chunk := proc.stdout.read1(65536):
+                    log.write(chunk)
+                    log.flush()
+                    if echo is not None:
+                        echo.write(chunk.decode("utf-8", "replace"))
+                        echo.flush()
+                    pending = (pending + chunk)[-8192:]
+                rc = proc.wait()
+            except BaseException:
+                _stop(proc)
+                raise
         self.store.put_file(f"runs/{run}/logs/{stage}.log", log_path)
+        if rc == 0:
+            return rc, None
         for line in reversed(pending.decode("utf-8", "replace").splitlines()):
             if line.startswith("error: "):
                 error = line[len("error: ") :]
                 break
-        if rc != 0 and error is None:
-            tail = [ln for ln in pending.decode("utf-8", "replace").splitlines() if ln.strip()]
-            error = tail[-1].strip() if tail else None
-        return rc, error
+        # Never the last log line: a signal is named with the phase the stage was in.
+        return rc, describe(rc, read_status_file(status_path), error)
 
     # -- inspect
     def status(self, run: str) -> dict[str, Any]:
@@ -193,6 +228,10 @@ class LocalBackend:
             s = dict(state.get(stage, {"state": "pending"}))
             if s.get("state") == "running" and not _alive(s.get("pid")):
                 s["state"] = "interrupted"
+            elif s.get("state") == "running":
+                at = phase_text(read_status_file(self.store.local_dir(run) / "logs" / f"{stage}.status"))
+                if at:
+                    s["reason"] = f"in {at}"
             if "started" in s:
                 end = s.get("finished") or now()
                 s["seconds"] = round(_seconds_between(s["started"], end), 1)
@@ -230,6 +269,40 @@ class LocalBackend:
             if text is not None:
                 out.append((s, text))
         return out
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def _die_with(parent: int) -> Callable[[], None]:
+    """Before the stage program starts: have the kernel send it SIGTERM when `parent` dies, even of SIGKILL, so
+    no orphan stage publishes into a run already reported as interrupted (Linux; elsewhere nothing)."""
+
+    def setup() -> None:
+        try:
+            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+        except (OSError, AttributeError):
+            return
+        if os.getppid() != parent:  # the parent died before the request took effect
+            os._exit(1)
+
+    return setup
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM to the stage's process group, then SIGKILL after STOP_GRACE_S; returns once the stage is gone."""
+    for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            break
+        try:
+            proc.wait(timeout=wait)
+            break
+        except subprocess.TimeoutExpired:
+            continue
+    proc.wait()
 
 
 def _seconds_between(start: str, end: str) -> float:

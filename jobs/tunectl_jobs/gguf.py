@@ -12,7 +12,6 @@ Outputs: `<recipe>-<type>.gguf` for each requested type, `Modelfile`, `smoke.jso
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -23,14 +22,17 @@ from typing import Any
 
 from tunectl import ollama
 from tunectl.errors import ConfigError, TunectlError
+from tunectl.stageexit import killed
 
-from . import llamacpp
+from . import llamacpp, llamarun
 from .stage import StageContext, run_stage
 
 log = logging.getLogger("tunectl")
 
 _CONVERTER_TYPES = ("f16", "bf16", "f32")
 _SMOKE_DEFAULT = ("Say hello in one short sentence.", "", 64)
+# The smoke test's child program; None is llamarun's own. Tests set one that crashes on purpose.
+SMOKE_COMMAND: list[str] | None = None
 
 
 def convert(script: Path, model_dir: Path, out: Path, outtype: str) -> None:
@@ -45,45 +47,46 @@ def convert(script: Path, model_dir: Path, out: Path, outtype: str) -> None:
 
 
 def quantize(src: Path, dst: Path, qtype: str) -> None:
-    import llama_cpp
-
-    ftype = getattr(llama_cpp, f"LLAMA_FTYPE_MOSTLY_{qtype.upper()}", None)
-    if ftype is None:
-        raise ConfigError(f"llama.cpp {llamacpp.LLAMA_CPP_PYTHON_VERSION} cannot quantize to {qtype}")
-    params = llama_cpp.llama_model_quantize_default_params()
-    params.ftype = ftype
-    params.nthread = os.cpu_count() or 1
-    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), ctypes.byref(params))
-    if rc != 0 or not dst.is_file():
-        raise TunectlError(f"llama.cpp quantization to {qtype} failed (code {rc})")
+    try:
+        llamarun.quantize(src, dst, qtype)
+    except ValueError:
+        raise ConfigError(f"llama.cpp {llamacpp.LLAMA_CPP_PYTHON_VERSION} cannot quantize to {qtype}") from None
+    except RuntimeError as e:
+        raise TunectlError(str(e)) from None
 
 
-def smoke_test(path: Path, prompt: str, max_tokens: int, contract: dict[str, Any]) -> dict[str, Any]:
-    """Load in llama.cpp, answer greedily, and require a stop at EOS before `max_tokens`."""
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=2048, n_threads=os.cpu_count() or 1, verbose=False, seed=0)
-    eos = int(llm.metadata.get("tokenizer.ggml.eos_token_id", -1))
+def smoke_test(
+    path: Path, prompt: str, max_tokens: int, contract: dict[str, Any], command: list[str] | None = None
+) -> dict[str, Any]:
+    """Answer greedily in a child process (llamarun) and check the GGUF's EOS; a crash is this file's error."""
+    result = llamarun.answer_in_child(path, prompt, max_tokens, command=command)
+    if "error" in result:
+        if result.get("signal"):
+            reason = killed(result["signal"], {"phase": "smoke test", "file": path.name, "native": "llama.cpp"})
+        else:
+            reason = f"smoke test of {path.name}: {result['error']}"
+        for line in result.get("stderr", "").strip().splitlines()[-20:]:
+            log.info("smoke %s: %s", path.name, line)
+        log.error("%s", reason)
+        return {"file": path.name, "error": reason}
+    eos = result["eos_token_id"]
     if eos not in contract["stop_token_ids"]:
         raise TunectlError(f"{path.name}: GGUF EOS id {eos} is not the trained EOS {contract['eos_token_id']}")
-    out = llm.create_completion(prompt, max_tokens=max_tokens, temperature=0.0, top_k=1)
-    choice = out["choices"][0]
-    result = {
-        "file": path.name,
-        "answer": choice["text"],
-        "finish_reason": choice["finish_reason"],
-        "completion_tokens": out["usage"]["completion_tokens"],
-        "max_tokens": max_tokens,
-        "eos_token_id": eos,
-    }
     log.info(
         "smoke %s (%d tokens, %s): %s",
         path.name,
         result["completion_tokens"],
         result["finish_reason"],
-        choice["text"].strip(),
+        result["answer"].strip(),
     )
-    del llm
+    log.info(
+        "smoke %s ran on llama.cpp CPU variant %s with %d threads (%s prompt, %s generated tokens/s)",
+        path.name,
+        result["cpu_variant"],
+        result["threads"],
+        result.get("prompt_tokens_per_s", "?"),
+        result.get("gen_tokens_per_s", "?"),
+    )
     return result
 
 
@@ -102,17 +105,18 @@ def gguf(ctx: StageContext) -> None:
     stem = r.name
     high = next((t for t in types if t in _CONVERTER_TYPES), "f16")
     high_file = ctx.out / f"{stem}-{high}.gguf"
-    with ctx.phase(f"convert {high}"):
+    with ctx.phase(f"convert {high}", file=high_file.name):
         convert(script, src, high_file, high)
     files: dict[str, Path] = {high: high_file}
     for t in types:
         if t in files:
             continue
         dst = ctx.out / f"{stem}-{t}.gguf"
-        with ctx.phase(f"{'convert' if t in _CONVERTER_TYPES else 'quantize'} {t}"):
-            if t in _CONVERTER_TYPES:
+        if t in _CONVERTER_TYPES:
+            with ctx.phase(f"convert {t}", file=dst.name):
                 convert(script, src, dst, t)
-            else:
+        else:
+            with ctx.phase(f"quantize {t}", file=dst.name, native="llama.cpp"):
                 quantize(high_file, dst, t)
         files[t] = dst
     if high not in types:
@@ -126,13 +130,23 @@ def gguf(ctx: StageContext) -> None:
     prompt = r.prompt_for(instruction, inp)
     smoke = []
     with ctx.phase("smoke test"):
+        # Each file in its own child: one that crashes is named, and the others are still tested.
         for t in types:
-            result = smoke_test(files[t], prompt, max_tokens, contract)
+            result = smoke_test(files[t], prompt, max_tokens, contract, command=SMOKE_COMMAND)
             smoke.append({"type": t, "instruction": instruction, "input": inp, **result})
     (ctx.out / "smoke.json").write_text(json.dumps(smoke, indent=1, ensure_ascii=False) + "\n")
+    crashed = [s for s in smoke if "error" in s]
+    if crashed:
+        answered = [s["type"] for s in smoke if "error" not in s]
+        raise TunectlError(
+            "; ".join(s["error"] for s in crashed)
+            + (f" ({', '.join(answered)} answered)" if answered else "")
+            + ": a GGUF that cannot be run is a failed export"
+        )
     (ctx.out / "Modelfile").write_text(ollama.modelfile(files[types[0]].name, contract))
     ctx.metrics = {
         "types": types,
+        "cpu_variant": smoke[0]["cpu_variant"],
         "sizes_mib": {t: round(files[t].stat().st_size / 2**20, 1) for t in types},
         "smoke": {s["type"]: {"finish_reason": s["finish_reason"], "tokens": s["completion_tokens"]} for s in smoke},
     }

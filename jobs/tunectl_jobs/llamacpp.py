@@ -2,9 +2,10 @@
 and inference from the installed `llama-cpp-python` package built from that same sdist.
 
 The gguf image unpacks the sdist at build time (`python -m tunectl_jobs.llamacpp fetch`), so nothing is
-downloaded at run time; on a workstation the same command fills the cache once.
+downloaded at run time; on a workstation the same command fills the cache once. Offline (an air-gapped image
+build), it takes the sdist from a file or a local wheelhouse instead of the package index.
 
-    python -m tunectl_jobs.llamacpp fetch [--dest DIR]   # unpack the pinned converter
+    python -m tunectl_jobs.llamacpp fetch [--dest DIR] [--sdist FILE | --find-links DIR]
     python -m tunectl_jobs.llamacpp where                # print where it is
 """
 
@@ -13,7 +14,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import subprocess
 import sys
 import tarfile
 import tempfile
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from tunectl.errors import ConfigError
 
+from .llamabuild import BuildError, sdist
 from .models import cache_dir
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
@@ -57,32 +58,20 @@ def converter() -> Path:
     return script
 
 
-def fetch(dest: Path | None = None) -> Path:
-    """Download the pinned sdist from the package index and keep the converter part of its llama.cpp tree."""
+def fetch(dest: Path | None = None, *, sdist_file: Path | None = None, find_links: Path | None = None) -> Path:
+    """Keep the converter part of the pinned sdist's llama.cpp tree: from the package index, or offline from
+    `sdist_file` or a `find_links` directory."""
     dest = dest or tree_dir()
     if (dest / "convert_hf_to_gguf.py").is_file():
         return dest
     with tempfile.TemporaryDirectory() as tmp:
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--no-deps",
-                "--no-binary",
-                "llama-cpp-python",  # only it: its build dependencies may come as wheels
-                "-q",
-                "-d",
-                tmp,
-                f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
-            ],
-            check=True,
-        )
-        sdist = next(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        try:
+            src = sdist(LLAMA_CPP_PYTHON_VERSION, Path(tmp), path=sdist_file, find_links=find_links)
+        except BuildError as e:
+            raise ConfigError(str(e)) from None
         prefix = f"llama_cpp_python-{LLAMA_CPP_PYTHON_VERSION}/vendor/llama.cpp/"
         staging = Path(tmp) / "tree"
-        with tarfile.open(sdist) as tar:
+        with tarfile.open(src) as tar:
             members = [
                 m
                 for m in tar.getmembers()
@@ -105,10 +94,17 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="cmd", required=True)
     f = sub.add_parser("fetch", help="unpack the pinned llama.cpp converter")
     f.add_argument("--dest", type=Path)
+    offline = f.add_mutually_exclusive_group()
+    offline.add_argument("--sdist", type=Path, help="the pinned llama-cpp-python sdist file (offline)")
+    offline.add_argument("--find-links", type=Path, help="a directory holding that sdist (offline)")
     sub.add_parser("where", help="print the converter's directory")
     args = parser.parse_args(argv)
     if args.cmd == "fetch":
-        print(fetch(args.dest))
+        try:
+            print(fetch(args.dest, sdist_file=args.sdist, find_links=args.find_links))
+        except ConfigError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     else:
         print(tree_dir())
     return 0

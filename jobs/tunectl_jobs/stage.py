@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import importlib.metadata
 import logging
 import os
@@ -19,6 +20,7 @@ from typing import Any
 from tunectl import __version__
 from tunectl.errors import EXIT_CONFIG_ERROR, EXIT_FAILURE, ArtifactError, ConfigError, TunectlError
 from tunectl.recipe import Recipe, recipe_from_file
+from tunectl.stageexit import write_status
 from tunectl.store import Store, open_store
 
 log = logging.getLogger("tunectl")
@@ -43,11 +45,14 @@ class StageContext:
     inputs: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where the stage is, as its status document says (tunectl.stageexit): what a crash report names.
+    where: dict[str, Any] = field(default_factory=dict)
     _t0: float = field(default_factory=time.monotonic)
 
-    def phase(self, name: str) -> _Phase:
-        """`with ctx.phase("load"):` times a step and logs its start and end."""
-        return _Phase(self, name)
+    def phase(self, name: str, *, file: str | None = None, native: str | None = None) -> _Phase:
+        """`with ctx.phase("load"):` times a step and logs its start and end. `file`: what the step works on;
+        `native`: the native library it runs (llama.cpp), named if the process dies of a signal in it."""
+        return _Phase(self, name, {k: v for k, v in (("file", file), ("native", native)) if v})
 
     def note(self, message: str) -> None:
         """A deviation from the recipe the user should know about (also recorded in the manifest)."""
@@ -75,11 +80,13 @@ class StageContext:
 
 
 class _Phase:
-    def __init__(self, ctx: StageContext, name: str):
-        self.ctx, self.name = ctx, name
+    def __init__(self, ctx: StageContext, name: str, detail: dict[str, str]):
+        self.ctx, self.name, self.detail = ctx, name, detail
 
     def __enter__(self) -> None:
         log.info("[%s] %s ...", self.ctx.name, self.name)
+        self.ctx.where = {"stage": self.ctx.name, "phase": self.name, **self.detail}
+        write_status(self.ctx.where)
         self.t = time.monotonic()
 
     def __exit__(self, *exc: object) -> None:
@@ -124,6 +131,18 @@ def run_stage(name: str, body: Callable[[StageContext], None], argv: list[str] |
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
     )
+    # A native crash prints the Python stack into the log; the process still dies of the signal.
+    faulthandler.enable()
+    where: dict[str, Any] = {"stage": name, "phase": "start"}
+    write_status(where)
+
+    def fail(e: BaseException | str, code: int) -> int:
+        message = str(e)
+        print(f"error: {message}", file=sys.stderr, flush=True)
+        write_status({**(ctx.where if ctx else where), "error": message})
+        return code
+
+    ctx: StageContext | None = None
     try:
         missing = [f"--{k}" for k in ("recipe", "store", "run") if not getattr(args, k)]
         if missing:
@@ -133,17 +152,15 @@ def run_stage(name: str, body: Callable[[StageContext], None], argv: list[str] |
         out = store.scratch_dir(args.run, name)
         ctx = StageContext(name=name, recipe=recipe, store=store, run=args.run, out=out)
         body(ctx)
-        ctx.publish()
+        with ctx.phase("publish"):
+            ctx.publish()
+        write_status({"stage": name, "phase": "done"})
         return 0
     except (ConfigError, ArtifactError) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_CONFIG_ERROR
+        return fail(e, EXIT_CONFIG_ERROR)
     except TunectlError as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_FAILURE
+        return fail(e, EXIT_FAILURE)
     except OSError as e:  # a full or read-only disk, a missing mount: the environment, maybe not this input
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return EXIT_FAILURE
+        return fail(e, EXIT_FAILURE)
     except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr, flush=True)
-        return 130
+        return fail("interrupted", 130)

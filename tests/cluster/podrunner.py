@@ -31,6 +31,7 @@ import yaml
 
 EXIT_ANNOTATION = "tunectl.test/exit-code"
 REASON_ANNOTATION = "tunectl.test/reason"
+MESSAGE_ANNOTATION = "tunectl.test/message"
 RUN = "run"  # mode: execute the pod's real command
 KWOK_LOGS = ("kwok.x-k8s.io", "v1alpha1", "logs")  # group, version, plural of kwok's Logs (kwok-logs-crd.yaml)
 CRI_MAX_LINE = 16 * 1024  # longer lines go into the CRI log in pieces (tag P), as containerd splits them
@@ -116,11 +117,17 @@ class PodRunner:
             self._report(pod, _publish_standin(pod))
             return
         mounts = self._volumes(pod, container, root)
+        # The termination message file, which a kubelet creates, mounts and reads back into the pod's status.
+        message_file = root / "termination-log"
+        message_file.touch()
+        message_file.chmod(0o666)
+        message_path = container.termination_message_path or "/dev/termination-log"
         if self.docker:
             cmd = self._docker_command(pod, container, mounts, root)
+            cmd[cmd.index("--entrypoint") : cmd.index("--entrypoint")] = ["-v", f"{message_file}:{message_path}"]
             env = dict(os.environ)
         else:
-            env = self._env(pod, container, mounts, root)
+            env = self._env(pod, container, {**mounts, message_path: message_file}, root)
             cmd = [
                 _rewrite(a, mounts) for a in _expand(list(container.command or []) + list(container.args or []), env)
             ]
@@ -134,7 +141,11 @@ class PodRunner:
         rc = proc.wait()
         # The output is all there before the exit is reported, unless a process left behind holds the pipe open.
         shim.join(timeout=5)
-        self._report(pod, rc)
+        message = message_file.read_text(errors="replace")[-4096:]  # the kubelet keeps at most 4096 bytes
+        if message:
+            self._annotate(pod, {MESSAGE_ANNOTATION: message})
+        # A runtime reports a process killed by signal N as exit code 128 + N (`docker run` does so itself).
+        self._report(pod, 128 - rc if rc < 0 else rc)
 
     def _serve_log(self, pod: Any, container: str, root: Path) -> Path:
         """Create the container's (empty) CRI log file and the kwok Logs object that serves it. The object is owned

@@ -128,7 +128,12 @@ spec:
           command: [python, -m, tunectl_jobs.{{ $name }}]
           {{- end }}
           args: [--recipe, /etc/tunectl/recipe.yaml, --store, {{ $root.Values.run.store | quote }}, --run, {{ $run }}]
+          # The stage keeps its phase, and on failure its error line, in the termination message: `tunectl status`
+          # reads it from the pod, so a crash is named with where it happened, even after the node is gone.
+          terminationMessagePath: /dev/termination-log
+          terminationMessagePolicy: File
           env:
+            - {name: TUNECTL_STATUS_FILE, value: /dev/termination-log}
             - {name: PYTHONUNBUFFERED, value: "1"}
             - {name: HOME, value: /scratch/home}
             - {name: TMPDIR, value: /scratch/tmp}
