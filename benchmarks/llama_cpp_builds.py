@@ -26,7 +26,7 @@ from pathlib import Path
 
 LLAMARUN = Path(__file__).resolve().parents[1] / "jobs" / "tunectl_jobs" / "llamarun.py"
 sys.path.insert(0, str(LLAMARUN.parent))
-from llamarun import CHECK_PROMPT, VARIANT_ENV  # noqa: E402
+from llamarun import CHECK_PROMPT, VARIANT_ENV, exit_text  # noqa: E402
 
 # One child: quantize the f16 file to TYPE (timed), then answer with the result (llamarun's own child).
 _QUANTIZE = """
@@ -82,7 +82,7 @@ def measure(site: Path, variant: str | None, f16: Path, work: Path, max_tokens: 
                 [sys.executable, "-c", code, str(f16), str(target), qtype], env=env, capture_output=True, text=True
             )
             if q.returncode != 0:
-                out[qtype] = {"error": f"quantize exit {q.returncode}", "stderr": q.stderr[-500:]}
+                out[qtype] = {"error": f"quantize: {exit_text(q.returncode)}", "stderr": q.stderr[-500:]}
                 continue
             row.update(json.loads(q.stdout.strip().splitlines()[-1]))
         request = json.dumps({"gguf": str(target), "prompt": CHECK_PROMPT, "max_tokens": max_tokens})
@@ -90,7 +90,7 @@ def measure(site: Path, variant: str | None, f16: Path, work: Path, max_tokens: 
             [sys.executable, str(LLAMARUN), "answer"], input=request, env=env, capture_output=True, text=True
         )
         if a.returncode != 0:
-            row["error"] = f"killed by signal {-a.returncode}" if a.returncode < 0 else f"exit {a.returncode}"
+            row["error"] = exit_text(a.returncode)
             row["stderr"] = a.stderr[-500:]
         else:
             r = json.loads(a.stdout.strip().splitlines()[-1])

@@ -279,11 +279,15 @@ def _die_with(parent: int) -> Callable[[], None]:
     """Before the stage program starts: have the kernel send it SIGTERM when `parent` dies, even of SIGKILL, so
     no orphan stage publishes into a run already reported as interrupted (Linux; elsewhere nothing)."""
 
+    try:
+        prctl = ctypes.CDLL(None).prctl  # looked up here: the child between fork and exec should only call it
+    except (OSError, AttributeError):
+        prctl = None
+
     def setup() -> None:
-        try:
-            ctypes.CDLL(None).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
-        except (OSError, AttributeError):
+        if prctl is None:
             return
+        prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
         if os.getppid() != parent:  # the parent died before the request took effect
             os._exit(1)
 

@@ -132,7 +132,10 @@ def run_stage(name: str, body: Callable[[StageContext], None], argv: list[str] |
         level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S", stream=sys.stdout
     )
     # A native crash prints the Python stack into the log; the process still dies of the signal.
-    faulthandler.enable()
+    try:
+        faulthandler.enable()
+    except (AttributeError, ValueError, OSError):  # a stderr without a file descriptor (run in-process by a test)
+        pass
     where: dict[str, Any] = {"stage": name, "phase": "start"}
     write_status(where)
 
