@@ -270,6 +270,7 @@ def test_pull_adapter_for_vllm_serves_on_its_base(finished_run):
     assert new[-1] == 2 and len(new) < 128, text
 
 
+@pytest.mark.parametrize("finished_run", ["dir"], indirect=True)  # the directory store's run is copied
 def test_a_gguf_whose_llama_cpp_crashes_fails_the_export_and_names_the_file(
     finished_run, tmp_path, monkeypatch, capsys
 ):
@@ -280,8 +281,6 @@ def test_a_gguf_whose_llama_cpp_crashes_fails_the_export_and_names_the_file(
 
     from tunectl_jobs import gguf, llamarun
 
-    if finished_run.store.startswith("s3://"):
-        pytest.skip("the directory store's run is copied; one store shows the stage's behaviour")
     run = finished_run.run
     src = Path(finished_run.store) / "runs" / run
     store = tmp_path / "store"
