@@ -87,8 +87,9 @@ def _exit_text(term: dict[str, Any]) -> str:
         return f"OOMKilled (exit code {code}){where(status)}: raise the stage's memory limit"
     if code == EXIT_CONFIG_ERROR:
         return f"failed with exit code {code} (configuration error, not retried)"
-    if _signal(term):
-        return f"{killed(signal_name(_signal(term)), status)}, exit code {code}"
+    sig = _signal(term)
+    if sig:
+        return f"{killed(signal_name(sig), status)}, exit code {code}"
     return f"failed with exit code {code}"
 
 

@@ -123,8 +123,7 @@ class PodRunner:
         message_file.chmod(0o666)
         message_path = container.termination_message_path or "/dev/termination-log"
         if self.docker:
-            cmd = self._docker_command(pod, container, mounts, root)
-            cmd[cmd.index("--entrypoint") : cmd.index("--entrypoint")] = ["-v", f"{message_file}:{message_path}"]
+            cmd = self._docker_command(pod, container, mounts, root, files={message_path: message_file})
             env = dict(os.environ)
         else:
             env = self._env(pod, container, {**mounts, message_path: message_file}, root)
@@ -186,7 +185,11 @@ class PodRunner:
             by_name[vol.name] = host
         return {m.mount_path: by_name[m.name] for m in container.volume_mounts or [] if m.mount_path != "/dev/shm"}
 
-    def _docker_command(self, pod: Any, container: Any, mounts: dict[str, Path], root: Path) -> list[str]:
+    def _docker_command(
+        self, pod: Any, container: Any, mounts: dict[str, Path], root: Path, files: dict[str, Path]
+    ) -> list[str]:
+        """`docker run` for the pod's container: `mounts` are volume directories, `files` single files (the
+        termination message), each bind-mounted at its path in the container."""
         sc = pod.spec.security_context
         csc = container.security_context
         cmd = [self.docker, "run", "--rm", "--name", f"{self.namespace}-{pod.metadata.name}"[:120], "--network", "host"]
@@ -224,6 +227,8 @@ class PodRunner:
             cmd += ["-v", f"{sa}:{sa_path}:ro"]
             host, port = self.cluster.server.removeprefix("https://").rsplit(":", 1)
             env |= {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
+        for path, host in files.items():
+            cmd += ["-v", f"{host}:{path}"]
         for k, v in env.items():
             cmd += ["-e", f"{k}={v}"]
         argv = _expand(list(container.command or []) + list(container.args or []), env)
