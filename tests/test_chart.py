@@ -82,6 +82,41 @@ def test_helm_template_works_on_its_own(tmp_path: Path):
     assert {"my-run-train", "my-run-merge", "my-run-gguf", "my-run-reconciler", "my-run-recipe"} <= set(names)
 
 
+@pytest.mark.parametrize(
+    ("stages", "says"),
+    [
+        (["--set", "run.stages={train,deploy}"], "/run/stages/1"),
+        (["--set", "run.stages={train,train}"], "/run/stages"),
+        (["--set-literal", "run.stages=train,deploy"], "/run/stages"),
+        (["--set-literal", "run.stages=train,train"], "run.stages must name each of train, merge, gguf at most once"),
+    ],
+)
+def test_helm_template_on_its_own_checks_the_stages(stages, says):
+    """run.stages is a list in a values file, or the comma-joined string tunectl passes with --set-literal."""
+    proc = subprocess.run(
+        [helm_binary(), "template", "my-run", str(chart_dir()), "--set", f"run.store={STORE}", "--set", "recipe=x"]
+        + stages,
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode != 0 and says in proc.stderr
+
+
+def test_stages_as_a_string_or_a_list_render_the_same():
+    def names(*stages: str) -> list[str]:
+        proc = subprocess.run(
+            [helm_binary(), "template", "r", str(chart_dir()), "--set", f"run.store={STORE}", "--set", "recipe=x"]
+            + list(stages),
+            capture_output=True,
+            text=True,
+        )
+        assert proc.returncode == 0, proc.stderr
+        return [d["metadata"]["name"] for d in yaml.safe_load_all(proc.stdout) if d]
+
+    assert names("--set", "run.stages={train,merge}") == names("--set-literal", "run.stages=train,merge")
+    assert "r-gguf" not in names("--set-literal", "run.stages=train,merge")
+
+
 @pytest.mark.parametrize("scenario", sorted(SCENARIOS))
 def test_scenario_objects(recipe, scenario):
     docs = rendered(recipe, SCENARIOS[scenario])
@@ -203,7 +238,7 @@ def test_single_stage_run_needs_no_reconciler(recipe):
         ("stages.train.resources.request.cpu=2", "additional properties 'request' not allowed"),
         ("stages.merge.gpus=-1", "/stages/merge/gpus"),
         ("stages.train.resources.limits.memory=lots", "/stages/train/resources/limits/memory"),
-        ("run.stages={train,deploy}", "/run/stages/1"),
+        ("image.tag=1.2.3 beta", "/image/tag"),
     ],
 )
 def test_values_typos_are_rejected_by_the_schema(recipe, typo, says):

@@ -26,7 +26,7 @@ from .kubestatus import (
     stage_status,
 )
 from .recipe import Recipe
-from .render import render_run
+from .render import check_namespace, render_run
 
 COMPONENT = "app.kubernetes.io/component"
 MANAGED = "app.kubernetes.io/managed-by=tunectl"
@@ -46,6 +46,8 @@ class Cluster:
     def __init__(self, context: str | None = None, namespace: str | None = None):
         from kubernetes import client, config
 
+        # One line here, not the API server's 404 or 422 later (a kubeconfig's own namespace is checked below).
+        check_namespace(namespace or "default")
         cfg = client.Configuration()
         try:
             if os.environ.get("KUBERNETES_SERVICE_HOST") and not (
@@ -72,6 +74,7 @@ class Cluster:
         self.api = client.ApiClient(cfg)
         self.host = cfg.host
         self.namespace = namespace or default_ns
+        check_namespace(self.namespace)
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.rbac = client.RbacAuthorizationV1Api(self.api)

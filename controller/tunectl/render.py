@@ -2,21 +2,25 @@
 
 tunectl fills only what belongs to the run (`run.*` and the resolved recipe); everything about the cluster
 (images, S3 endpoint and Secret, resources, scheduling) comes from the chart's values and the user's files.
+The user's values may not touch what belongs to the run: they are refused if they try, tunectl passes the run's
+values with helm's highest-precedence flag, and the rendered objects are checked to belong to the run.
 """
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import shutil
 import subprocess
 import tempfile
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
-from .errors import ConfigError, TunectlError
+from .errors import ConfigError, EnvironmentProblem, TunectlError, executable
 from .local import stages_for
 from .recipe import Recipe
 from .refs import PACKAGE_PREFIX, resolve
@@ -24,6 +28,9 @@ from .runid import is_run_id, new_run_id
 
 # "<run>-reconciler" must fit a 63-character object name.
 MAX_RUN_ID = 52
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")
+# Top-level chart values that tunectl sets for the run; the user's values files and --helm-set may not.
+RUN_OWNED = ("run", "recipe")
 
 
 def chart_dir() -> Path:
@@ -38,9 +45,14 @@ def chart_dir() -> Path:
 
 
 def helm_binary() -> str:
-    helm = os.environ.get("TUNECTL_HELM") or shutil.which("helm")
+    override = os.environ.get("TUNECTL_HELM")
+    if override:
+        return executable(override, "TUNECTL_HELM", "Helm 3")
+    helm = shutil.which("helm")
     if not helm:
-        raise ConfigError("helm is not installed: install Helm 3 (https://helm.sh) or set TUNECTL_HELM to its path")
+        raise EnvironmentProblem(
+            "helm is not installed: install Helm 3 (https://helm.sh) or set TUNECTL_HELM to its path"
+        )
     return helm
 
 
@@ -63,6 +75,14 @@ def run_values(recipe: Recipe, run: str, store: str) -> dict[str, Any]:
     }
 
 
+def check_namespace(namespace: str) -> None:
+    if not _DNS_LABEL.match(namespace):
+        raise ConfigError(
+            f"namespace {namespace!r} must be a DNS-1123 label (lower-case letters, digits and '-', starting and "
+            "ending with a letter or digit, at most 63 characters): pass --namespace NAME"
+        )
+
+
 def render_run(
     recipe: Recipe,
     store: str | None,
@@ -78,7 +98,7 @@ def render_run(
     run = run or new_run_id(recipe.name, max_len=MAX_RUN_ID)
     if len(run) > MAX_RUN_ID or not is_run_id(run):
         raise ConfigError(
-            f"run id '{run}' must be lower-case letters, digits and '-' (DNS-1123), at most {MAX_RUN_ID} characters"
+            f"run id {run!r} must be lower-case letters, digits and '-' (DNS-1123), at most {MAX_RUN_ID} characters"
         )
     return run, render(recipe, run, store, namespace, values_files, sets)
 
@@ -94,32 +114,119 @@ def render(
     """The run's objects, as `helm template` renders them, in the order they should be created."""
     if not store.startswith("s3://"):
         raise ConfigError(
-            f"store {store}: Kubernetes runs hand artifacts over through S3; pass --store s3://BUCKET[/PREFIX]"
+            f"store {store!r}: Kubernetes runs hand artifacts over through S3; pass --store s3://BUCKET[/PREFIX]"
         )
+    check_namespace(namespace)
     for f in values_files:
         if not f.is_file():
-            raise ConfigError(f"values file {f} does not exist")
-    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="tunectl-run-") as tmp:
-        yaml.safe_dump(run_values(recipe, run, store), tmp, allow_unicode=True)
+            raise ConfigError(f"values file {str(f)!r} does not exist")
+    refuse_run_owned(values_files, sets)
+    own = run_values(recipe, run, store)
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml", prefix="tunectl-recipe-", encoding="utf-8") as tmp:
+        tmp.write(own["recipe"])
         tmp.flush()
-        # The run's own values go last: a user's values file cannot point a run at another run's id.
-        cmd = [helm_binary(), "template", run, str(chart_dir()), "--namespace", namespace]
-        for f in values_files:
-            cmd += ["--values", str(f)]
-        for s in sets:
-            cmd += ["--set", s]
-        cmd += ["--values", tmp.name]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        out = _helm(template_args(own, namespace, Path(tmp.name), values_files, sets))
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    if not docs:
+        raise TunectlError("helm template rendered nothing")
+    check_belongs_to_run(docs, own, namespace)
+    return sorted(docs, key=creation_order)
+
+
+def template_args(
+    own: dict[str, Any], namespace: str, recipe_file: Path, values_files: tuple[Path, ...], sets: tuple[str, ...]
+) -> list[str]:
+    """`helm template` arguments for the run's values `own` (run_values), its recipe in `recipe_file`, and the
+    user's values files and --helm-set."""
+    run = own["run"]["id"]
+    args = ["template", run, str(chart_dir()), "--namespace", namespace, *_user_flags(values_files, sets)]
+    # Helm applies -f files, then --set, --set-string, --set-file and --set-literal, later winning: the run's values
+    # come last, so no user value can replace them. --set-literal takes a value as it is (no commas, braces or
+    # escapes), so run.stages goes as a comma-joined string; the recipe goes as a file, as it may outgrow the
+    # length of one command-line argument (--set-file beats everything a user can pass through tunectl).
+    for key, value in own["run"].items():
+        args += ["--set-literal", f"run.{key}={','.join(value) if key == 'stages' else value}"]
+    return args + ["--set-file", "recipe=" + str(recipe_file).replace("\\", "\\\\").replace(",", "\\,")]
+
+
+def _user_flags(values_files: tuple[Path, ...], sets: tuple[str, ...]) -> list[str]:
+    # helm splits --values at commas (CSV) and reads "-" or "scheme:..." as stdin or a URL: an absolute path, quoted.
+    files = ['--values="' + str(f.resolve()).replace('"', '""') + '"' for f in values_files]
+    return files + [f"--set={s}" for s in sets]
+
+
+def _helm(args: list[str]) -> str:
+    proc = subprocess.run([helm_binary(), *args], capture_output=True, text=True)
     if proc.returncode != 0:
         lines = [ln.strip() for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Use --debug")]
         # Schema errors come as "- at '/path': problem" lines under a header; those lines are what to fix.
         specific = [ln[2:] for ln in lines if ln.startswith("- ")]
         detail = "; ".join(specific or [ln.removeprefix("Error: ") for ln in lines])
         raise ConfigError(f"chart values rejected: {detail[:600]}")
-    docs = [d for d in yaml.safe_load_all(proc.stdout) if d]
-    if not docs:
-        raise TunectlError("helm template rendered nothing")
-    return sorted(docs, key=creation_order)
+    return proc.stdout
+
+
+def user_values(values_files: tuple[Path, ...], sets: tuple[str, ...]) -> dict[str, Any]:
+    """The values the user's files and --helm-set give, as helm itself reads them: --set has escapes, lists, indexes
+    and several keys per flag, and a parser of our own could disagree with helm about which keys are set."""
+    with tempfile.TemporaryDirectory(prefix="tunectl-values-") as d:
+        chart = Path(d)
+        (chart / "templates").mkdir()
+        (chart / "Chart.yaml").write_text("apiVersion: v2\nname: values\nversion: 0.0.0\n")
+        # A chart without defaults renders exactly the values it was given, as one line of JSON.
+        (chart / "templates" / "values.json").write_text("{{ toJson .Values }}\n")
+        out = _helm(["template", "values", str(chart), *_user_flags(values_files, sets)])
+    return json.loads(next(ln for ln in out.splitlines() if ln.startswith("{")))
+
+
+def _owned_key(values: dict[str, Any]) -> str | None:
+    for key in RUN_OWNED:
+        if key in values:
+            sub = values[key]
+            return f"{key}.{next(iter(sub))}" if isinstance(sub, dict) and sub else key
+    return None
+
+
+def refuse_run_owned(values_files: tuple[Path, ...], sets: tuple[str, ...]) -> None:
+    """One line naming the file or --helm-set that sets a value the run owns."""
+    if not (values_files or sets) or _owned_key(user_values(values_files, sets)) is None:
+        return
+    sources = [(f"values file {str(f)!r}", (f,), ()) for f in values_files]
+    sources += [(f"--helm-set {s!r}", (), (s,)) for s in sets]
+    for what, files, one_set in sources:
+        key = _owned_key(user_values(files, one_set))
+        if key is not None:
+            raise ConfigError(
+                f"{what} sets {key}, which belongs to the run and only tunectl sets: remove it (use --run for the "
+                "run id, --store for the store, --set KEY=VALUE for recipe fields)"
+            )
+
+
+def check_belongs_to_run(docs: list[dict[str, Any]], own: dict[str, Any], namespace: str) -> None:
+    """Defence in depth: every object is named and labelled for this run, and carries its store and recipe."""
+    run, store, stages = own["run"]["id"], own["run"]["store"], own["run"]["stages"]
+
+    def refuse(what: str) -> NoReturn:
+        raise ConfigError(f"the chart at {chart_dir()} rendered {what}: it must render only run {run}'s objects")
+
+    for doc in docs:
+        meta = doc.get("metadata") or {}
+        name, labels = str(meta.get("name", "")), meta.get("labels") or {}
+        if not name.startswith(f"{run}-") or labels.get("tunectl.dev/run") != run:
+            refuse(f"{doc.get('kind')} {name!r}, which is not named and labelled for the run")
+        if meta.get("namespace") != namespace:
+            refuse(f"{doc.get('kind')} {name!r} in namespace {meta.get('namespace')!r}, not {namespace!r}")
+    configmaps = [d for d in docs if d.get("kind") == "ConfigMap"]
+    if [d["metadata"]["name"] for d in configmaps] != [f"{run}-recipe"]:
+        refuse(f"ConfigMaps {[d['metadata']['name'] for d in configmaps]}, not just {run}-recipe")
+    [cm] = configmaps
+    if cm.get("data") != {"recipe.yaml": own["recipe"]}:
+        refuse("a recipe ConfigMap whose data is not the recipe tunectl resolved")
+    if (cm["metadata"].get("annotations") or {}).get("tunectl.dev/store") != store:
+        refuse(f"a recipe ConfigMap whose store is not {store}")
+    jobs = [d["metadata"]["labels"].get("tunectl.dev/stage") for d in docs if d.get("kind") == "Job"]
+    if sorted(j for j in jobs if j) != sorted(stages):
+        refuse(f"stage Jobs {[j for j in jobs if j]}, not the run's stages {stages}")
 
 
 _KIND_ORDER = {"ConfigMap": 0, "ServiceAccount": 1, "Role": 2, "RoleBinding": 3, "Job": 4}

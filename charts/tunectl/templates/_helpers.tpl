@@ -7,25 +7,46 @@
 {{- $id -}}
 {{- end -}}
 
+{{/* The release namespace, refused unless a DNS-1123 label: it is written into every object. */}}
+{{- define "tunectl.namespace" -}}
+{{- if not (regexMatch "^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$" .Release.Namespace) -}}
+{{- fail (printf "namespace %q must be a DNS-1123 label (lower-case letters, digits and '-', at most 63 characters)" .Release.Namespace) -}}
+{{- end -}}
+{{- .Release.Namespace | quote -}}
+{{- end -}}
+
+{{/* run.stages as "train,merge,gguf": a list (values files) or a comma-joined string (tunectl passes it with
+--set-literal, which outranks every other way of setting values). Each stage is known and named once. */}}
+{{- define "tunectl.stages" -}}
+{{- $stages := .Values.run.stages -}}
+{{- if kindIs "string" $stages }}{{ $stages = splitList "," $stages }}{{ end -}}
+{{- range $stages }}
+{{- if not (has . (list "train" "merge" "gguf")) }}{{ fail (printf "run.stages: unknown stage %q (train, merge, gguf)" (toString .)) }}{{ end }}
+{{- end }}
+{{- if or (not $stages) (ne (len $stages) (len (uniq $stages))) }}{{ fail "run.stages must name each of train, merge, gguf at most once, and at least one" }}{{ end }}
+{{- join "," $stages -}}
+{{- end -}}
+
 {{/* Labels on every object; call with (dict "root" $ "component" "train" "stage" "train"). */}}
 {{- define "tunectl.labels" -}}
 app.kubernetes.io/name: tunectl
 app.kubernetes.io/instance: {{ include "tunectl.run" .root }}
-app.kubernetes.io/component: {{ .component }}
+app.kubernetes.io/component: {{ .component | quote }}
 app.kubernetes.io/part-of: tunectl
 app.kubernetes.io/managed-by: tunectl
 app.kubernetes.io/version: {{ .root.Chart.AppVersion | quote }}
 tunectl.dev/run: {{ include "tunectl.run" .root }}
 {{- with .root.Values.run.recipe }}
-tunectl.dev/recipe: {{ . }}
+tunectl.dev/recipe: {{ . | quote }}
 {{- end }}
 {{- with .stage }}
-tunectl.dev/stage: {{ . }}
+tunectl.dev/stage: {{ . | quote }}
 {{- end }}
 {{- end -}}
 
+{{/* The quoted image reference; values.schema.json holds each part to the image reference grammar. */}}
 {{- define "tunectl.image" -}}
-{{- printf "%s%s:%s" .root.Values.image.registry .name .root.Values.image.tag -}}
+{{- printf "%s%s:%s" .root.Values.image.registry .name .root.Values.image.tag | quote -}}
 {{- end -}}
 
 {{/* S3 settings and credentials, by Secret reference only. */}}
@@ -39,10 +60,10 @@ tunectl.dev/stage: {{ . }}
 {{- with .Values.s3.credentialsSecret }}
 - name: AWS_ACCESS_KEY_ID
   valueFrom:
-    secretKeyRef: {name: {{ . }}, key: {{ $.Values.s3.accessKeyIdKey }}}
+    secretKeyRef: {name: {{ . | quote }}, key: {{ $.Values.s3.accessKeyIdKey | quote }}}
 - name: AWS_SECRET_ACCESS_KEY
   valueFrom:
-    secretKeyRef: {name: {{ . }}, key: {{ $.Values.s3.secretAccessKeyKey }}}
+    secretKeyRef: {name: {{ . | quote }}, key: {{ $.Values.s3.secretAccessKeyKey | quote }}}
 {{- end }}
 {{- end -}}
 
@@ -63,19 +84,19 @@ apiVersion: batch/v1
 kind: Job
 metadata:
   name: {{ $run }}-{{ $name }}
-  namespace: {{ $root.Release.Namespace }}
+  namespace: {{ include "tunectl.namespace" $root }}
   labels:
     {{- include "tunectl.labels" $labels | nindent 4 }}
     {{- if and $root.Values.kueue.queueName (not .after) }}
-    kueue.x-k8s.io/queue-name: {{ $root.Values.kueue.queueName }}
+    kueue.x-k8s.io/queue-name: {{ $root.Values.kueue.queueName | quote }}
     {{- end }}
   annotations:
     tunectl.dev/store: {{ $root.Values.run.store | quote }}
     {{- with .after }}
-    # Created suspended; the reconciler releases it once {{ . }} has published its manifest.
-    tunectl.dev/after: {{ . }}
+    # Created suspended; the reconciler releases it once the stage named below has published its manifest.
+    tunectl.dev/after: {{ . | quote }}
     {{- with $root.Values.kueue.queueName }}
-    tunectl.dev/queue-name: {{ . }}
+    tunectl.dev/queue-name: {{ . | quote }}
     {{- end }}
     {{- end }}
 spec:
@@ -87,7 +108,7 @@ spec:
     rules:
       # EX_CONFIG: bad recipe, data or model; a retry would fail the same way.
       - action: FailJob
-        onExitCodes: {containerName: {{ $name }}, operator: In, values: [78]}
+        onExitCodes: {containerName: {{ $name | quote }}, operator: In, values: [78]}
       # Preemption, eviction, node drain: not the stage's fault, retry without counting it.
       - action: Ignore
         onPodConditions: [{type: DisruptionTarget}]
@@ -116,18 +137,18 @@ spec:
       affinity: {{ . | nindent 8 }}
       {{- end }}
       {{- with ($s.priorityClassName | default $root.Values.scheduling.priorityClassName) }}
-      priorityClassName: {{ . }}
+      priorityClassName: {{ . | quote }}
       {{- end }}
       containers:
-        - name: {{ $name }}
+        - name: {{ $name | quote }}
           image: {{ include "tunectl.image" (dict "root" $root "name" $s.image) }}
-          imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+          imagePullPolicy: {{ $root.Values.image.pullPolicy | quote }}
           {{- if $s.command }}
           command: {{ toJson $s.command }}
           {{- else }}
           command: [python, -m, tunectl_jobs.{{ $name }}]
           {{- end }}
-          args: [--recipe, /etc/tunectl/recipe.yaml, --store, {{ $root.Values.run.store | quote }}, --run, {{ $run }}]
+          args: [--recipe, /etc/tunectl/recipe.yaml, --store, {{ $root.Values.run.store | quote }}, --run, {{ $run | quote }}]
           # The stage keeps its phase, and on failure its error line, in the termination message: `tunectl status`
           # reads it from the pod, so a crash is named with where it happened, even after the node is gone.
           terminationMessagePath: /dev/termination-log
@@ -143,7 +164,7 @@ spec:
             {{- with $root.Values.huggingFace.tokenSecret }}
             - name: HF_TOKEN
               valueFrom:
-                secretKeyRef: {name: {{ . }}, key: {{ $root.Values.huggingFace.tokenKey }}}
+                secretKeyRef: {name: {{ . | quote }}, key: {{ $root.Values.huggingFace.tokenKey | quote }}}
             {{- end }}
           resources:
             {{- with $s.resources.requests }}
@@ -170,9 +191,9 @@ spec:
             name: {{ $run }}-recipe
             items: [{key: recipe.yaml, path: recipe.yaml}]
         - name: scratch
-          emptyDir: {sizeLimit: {{ $s.scratchSize }}}
+          emptyDir: {sizeLimit: {{ $s.scratchSize | quote }}}
         - name: tmp
           emptyDir: {sizeLimit: 1Gi}
         - name: dshm
-          emptyDir: {medium: Memory, sizeLimit: {{ $s.shmSize }}}
+          emptyDir: {medium: Memory, sizeLimit: {{ $s.shmSize | quote }}}
 {{- end -}}
