@@ -14,7 +14,7 @@ from tunectl.errors import EXIT_CONFIG_ERROR
 
 def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == 2, proc.stderr
+    assert proc.returncode == EXIT_CONFIG_ERROR, proc.stderr
     assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
     assert "Traceback" not in proc.stderr
     return lines[0]

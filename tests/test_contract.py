@@ -118,6 +118,6 @@ def test_modelfile_renders_both_prompt_shapes_and_stops(contract):
     assert "### Instruction:\n{{ .System }}\n\n### Input:\n{{ .Prompt }}\n\n### Response:\n{{ else }}" in text
     assert '### Instruction:\n{{ .Prompt }}\n\n### Input:\n\n\n### Response:\n{{ end }}"""' in text
     assert text.endswith('PARAMETER stop "<|im_end|>"\n')
-    # str.format's {{{{ is a literal {{, which Go templates must see escaped
+    # str.format's {{{{ is a literal {{: text with braces goes to Go as a string literal (tests/hostile renders it)
     braces = {**contract, "prompt_template": "Q {{{{x}}}}: {instruction} {input}\nA: {output}"}
-    assert 'Q {{ "{{" }}x}}: {{ .Prompt }}' in modelfile("m.gguf", braces)
+    assert '{{ "Q {{x}}: " }}{{ .Prompt }}' in modelfile("m.gguf", braces)

@@ -21,6 +21,7 @@ from cluster.podrunner import RUN, PodRunner
 from cluster.wait import wait_for
 from conftest import docker_engine
 
+from tunectl.errors import EXIT_CONFIG_ERROR
 from tunectl.kube import Cluster, KubernetesBackend
 
 pytestmark = pytest.mark.cluster
@@ -325,7 +326,7 @@ def test_repeated_submit_does_not_duplicate(kube):
             "training.max_steps=3",
             check=False,
         )
-    assert other.returncode == 2
+    assert other.returncode == EXIT_CONFIG_ERROR
     assert other.stderr.strip() == (
         f"error: run {run} already exists in namespace {kube.namespace} with a different recipe: choose another --run"
     )

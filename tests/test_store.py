@@ -78,3 +78,44 @@ def test_run_ids_are_dns_labels():
     long = new_run_id("x" * 80 + "_Weird.Name", t)
     assert len(long) <= 63 and is_run_id(long)
     assert new_run_id("ruozhiba", t) != new_run_id("ruozhiba", t)
+
+
+def test_writes_replace_a_link_at_the_name_and_leave_no_temp_files(tmp_path: Path):
+    from tunectl.files import copy_atomic, write_atomic
+
+    victim = tmp_path / "victim"
+    victim.write_text("keep")
+    d = tmp_path / "d"
+    d.mkdir()
+    for name in ("doc.json", "copy.bin", "linked.bin"):
+        (d / name).symlink_to(victim)
+    write_atomic(d / "doc.json", "{}\n")
+    copy_atomic(victim, d / "copy.bin")
+    copy_atomic(victim, d / "linked.bin", link=True)
+    assert victim.read_text() == "keep"
+    assert not any(p.is_symlink() for p in d.iterdir())
+    assert sorted(p.name for p in d.iterdir()) == ["copy.bin", "doc.json", "linked.bin"]
+    assert (d / "doc.json").read_text() == "{}\n" and (d / "copy.bin").read_text() == "keep"
+    assert (d / "linked.bin").stat().st_ino == victim.stat().st_ino  # a hard link to the source, as publish makes
+
+
+@pytest.mark.parametrize(("data", "why"), [(b'{"a": ', "not valid JSON"), (b"[]", "a JSON list, not an object")])
+def test_a_corrupt_document_is_an_error_naming_the_file(tmp_path: Path, data, why):
+    from tunectl.store import CorruptDocument
+
+    store = LocalStore(tmp_path / "s")
+    store.write_json("runs/r1/run.json", {"run": "r1"})
+    (store.run_dir("r1") / "run.json").write_bytes(data)
+    with pytest.raises(CorruptDocument) as e:
+        store.read_json("runs/r1/run.json")
+    assert str(e.value).startswith(f"{store.run_dir('r1') / 'run.json'} is corrupt ({why}")
+
+
+def test_credentials_in_an_s3_store_uri_are_refused_without_being_repeated():
+    from tunectl.errors import ConfigError
+    from tunectl.store import open_store
+
+    with pytest.raises(ConfigError) as e:
+        open_store("s3://AKIAEXAMPLE:s3cr3t@bucket/prefix")
+    assert "s3cr3t" not in str(e.value) and "AKIAEXAMPLE" not in str(e.value)
+    assert str(e.value).startswith("store s3://***@bucket/prefix: credentials do not belong in the store URI")

@@ -10,9 +10,19 @@ from pathlib import Path
 from typing import Any
 
 import click
+from click.exceptions import NoArgsIsHelpError
 
 from . import __version__
-from .errors import ConfigError, TunectlError
+from .errors import (
+    EXIT_CONFIG_ERROR,
+    EXIT_ENVIRONMENT,
+    EXIT_FAILURE,
+    ConfigError,
+    EnvironmentProblem,
+    TunectlError,
+    describe_os_error,
+    redact,
+)
 from .recipe import builtin_names, load_recipe
 from .store import default_store_uri, open_store
 
@@ -20,17 +30,28 @@ _SET_HELP = "override a recipe field, e.g. --set training.max_steps=30 (repeatab
 
 
 class _Group(click.Group):
-    """Turns user errors into one line on stderr instead of a traceback."""
+    """Turns user and environment errors into one line on stderr instead of a traceback (errors.py: codes)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
         except ConfigError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(2)
+            _fail(str(e), EXIT_CONFIG_ERROR)
+        except EnvironmentProblem as e:
+            _fail(str(e), EXIT_ENVIRONMENT)
         except TunectlError as e:
-            click.echo(f"error: {e}", err=True)
-            sys.exit(1)
+            _fail(str(e), EXIT_FAILURE)
+        except OSError as e:
+            # A file or program of this machine failed (read-only or full disk, a path that is a file): the
+            # system's reason and the path are the whole story; a traceback would only hide them.
+            _fail(describe_os_error(e), EXIT_ENVIRONMENT)
+
+
+def _fail(message: str, code: int) -> None:
+    # One line, whatever a library put in its message, and no credentials from any URL in it.
+    line = redact(" ".join(message.split()))
+    click.echo(f"error: {line}", err=True)
+    sys.exit(code)
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
@@ -99,6 +120,15 @@ def _find(ctx: click.Context, run: str, backend: str, context: str | None, names
                 raise cluster_error from None
             return local
     return be
+
+
+def _run_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    """A RUN argument is a run id, never a path: it names directories in the store and objects in the cluster."""
+    from .runid import is_run_id
+
+    if not is_run_id(value):
+        raise ConfigError(f"'{value}' is not a run id: `tunectl list` shows them (lower-case letters, digits, '-')")
+    return value
 
 
 def _emit_json(doc: Any) -> None:
@@ -222,7 +252,7 @@ def render(
 
 
 @cli.command()
-@click.argument("run")
+@click.argument("run", callback=_run_id)
 @click.option("--namespace", "-n", envvar="TUNECTL_NAMESPACE", default=None)
 @click.option("--context", envvar="TUNECTL_CONTEXT", default=None)
 @click.option("--poll-seconds", default=15.0, show_default=True, help="how often to check the store while waiting")
@@ -264,7 +294,7 @@ def list_runs(ctx: click.Context, backend: str, context: str | None, namespace: 
         rows, where = kb.list_runs(), f"namespace {kb.namespace}"
     else:
         be = _backend(ctx)
-        rows, where = [be.status(run) for run in be.store.list_runs()], be.store.uri
+        rows, where = be.list_status(), be.store.uri
     if output == "json":
         _emit_json([{k: s[k] for k in ("run", "recipe", "state", "created", "backend")} for s in rows])
         return
@@ -274,6 +304,9 @@ def list_runs(ctx: click.Context, backend: str, context: str | None, namespace: 
     click.echo(f"{'RUN':<40} {'STATE':<11} {'CREATED':<26} BACKEND")
     for s in rows:
         click.echo(f"{s['run']:<40} {s['state']:<11} {s['created']:<26} {s['backend']}")
+    for s in rows:
+        if s["state"] == "unknown" and s.get("reason"):
+            click.echo(f"note: run {s['run']}: {s['reason']}", err=True)
 
 
 def _metric_summary(stage: dict[str, Any]) -> str:
@@ -310,7 +343,7 @@ def _print_status(s: dict[str, Any]) -> None:
 
 
 @cli.command()
-@click.argument("run")
+@click.argument("run", callback=_run_id)
 @cluster_options
 @click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table")
 @click.pass_context
@@ -324,7 +357,7 @@ def status(ctx: click.Context, run: str, backend: str, context: str | None, name
 
 
 @cli.command()
-@click.argument("run")
+@click.argument("run", callback=_run_id)
 @click.option("--stage", type=click.Choice(["train", "merge", "gguf"]), default=None, help="only this stage")
 @click.option("--follow", "-f", is_flag=True, help="Kubernetes: stream the stage's log until it ends")
 @cluster_options
@@ -360,7 +393,7 @@ def logs(
 
 
 @cli.command()
-@click.argument("run")
+@click.argument("run", callback=_run_id)
 @cluster_options
 @click.pass_context
 def cancel(ctx: click.Context, run: str, backend: str, context: str | None, namespace: str | None) -> None:
@@ -373,7 +406,7 @@ def cancel(ctx: click.Context, run: str, backend: str, context: str | None, name
 
 
 @cli.command("pull")
-@click.argument("run")
+@click.argument("run", callback=_run_id)
 @click.argument("dir", type=click.Path(file_okay=False, path_type=Path), required=False)
 @click.option(
     "--to",
@@ -472,7 +505,21 @@ def pull_cmd(
 
 
 def main() -> None:
-    cli(prog_name="tunectl")
+    # click's own errors (an unknown option, a missing argument) in one line as well, with where to read more;
+    # exit 2 as click and most CLIs use for usage errors.
+    try:
+        code = cli.main(prog_name="tunectl", standalone_mode=False)
+    except NoArgsIsHelpError as e:  # a bare `tunectl` or group: the help is the answer, not an error
+        click.echo(e.ctx.get_help())
+        code = 0
+    except click.UsageError as e:
+        more = f" (see '{e.ctx.command_path} --help')" if e.ctx else ""
+        _fail(e.format_message() + more, e.exit_code)
+    except click.ClickException as e:
+        _fail(e.format_message(), e.exit_code)
+    except click.Abort:
+        _fail("interrupted", 130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

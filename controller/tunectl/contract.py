@@ -16,13 +16,13 @@ without torch or transformers.
 from __future__ import annotations
 
 import json
-import os
-import re
+import string
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from .errors import TunectlError
+from .files import write_atomic
 
 CHAT_TEMPLATE_FILE = "chat_template.jinja"
 
@@ -34,15 +34,15 @@ class ContractError(TunectlError):
 def render_prompt(prompt_template: str, instruction: str, input: str, literal: Callable[[str], str]) -> str:
     """The inference prompt (the template up to its response slot) in a server's template language: the
     `instruction` and `input` code spliced in as given, every piece of fixed text passed through `literal`."""
-    out = []
-    for piece in re.split(r"(\{instruction\}|\{input\})", prompt_template.removesuffix("{output}")):
-        if piece == "{instruction}":
-            out.append(instruction)
-        elif piece == "{input}":
-            out.append(input)
-        elif piece:
-            out.append(literal(piece.replace("{{", "{").replace("}}", "}")))  # str.format's escaped braces
-    return "".join(out)
+    # Split as str.format splits it (the recipe checked the fields): escaped braces are literal text, and an
+    # escaped `{{input}}` is not a field.
+    out, text = [], ""
+    for piece, field, _, _ in string.Formatter().parse(prompt_template):
+        text += piece  # the parser breaks literal text at each escaped brace: keep it whole
+        if field in ("instruction", "input"):
+            out += [literal(text) if text else "", instruction if field == "instruction" else input]
+            text = ""
+    return "".join(out) + (literal(text) if text else "")
 
 
 def chat_template(prompt_template: str, bos_token: str | None = None) -> str:
@@ -81,10 +81,9 @@ def _read(path: Path) -> dict[str, Any] | None:
 
 
 def _write(path: Path, text: str) -> None:
-    """Replace by rename: a hard-linked original (a verified pulled copy) keeps its content."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Replace by rename: a hard-linked original (a verified pulled copy) keeps its content, and a symlink at
+    the name is replaced, not written through."""
+    write_atomic(path, text)
 
 
 def _write_json(path: Path, doc: dict[str, Any]) -> None:

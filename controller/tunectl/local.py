@@ -19,15 +19,17 @@ from typing import IO, Any
 
 from . import __version__
 from .datacheck import peek_local_file
-from .errors import ConfigError, TunectlError
+from .errors import ConfigError, TunectlError, redact
+from .files import create_fresh, write_atomic
 from .recipe import Recipe
 from .refs import resolve
-from .runid import new_run_id
+from .runid import is_run_id, new_run_id
 from .stageexit import STATUS_ENV, describe, phase_text, read_status_file
-from .store import Store
+from .store import CorruptDocument, Store
 
 STAGES = ("train", "merge", "gguf")
 STOP_GRACE_S = 30  # how long a stage may take to exit after SIGTERM before its process group is killed
+ID_ATTEMPTS = 8  # new ids tried when the one drawn is taken (same recipe, same second, same random suffix)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -78,7 +80,11 @@ class LocalBackend:
 
     # -- records
     def _state(self, run: str) -> dict[str, Any]:
-        return self.store.read_json(f"runs/{run}/state.json") or {}
+        state = self.store.read_json(f"runs/{run}/state.json") or {}
+        if not all(isinstance(v, dict) for v in state.values()):
+            where = f"{self.store.location(run)}/state.json"
+            raise CorruptDocument(f"{where} is corrupt (a stage entry is not an object): repair or remove it")
+        return state
 
     def _save_state(self, run: str, state: dict[str, Any]) -> None:
         self.store.write_json(f"runs/{run}/state.json", state)
@@ -88,17 +94,51 @@ class LocalBackend:
         if doc is None:
             known = self.store.list_runs()
             hint = f"; known runs: {', '.join(known[-5:])}" if known else "; no runs yet"
-            raise TunectlError(f"no run '{run}' in {self.store.uri}{hint}")
+            raise TunectlError(f"no run '{run}' in {redact(self.store.uri)}{hint}")
+        stages = doc.get("stages")
+        if not isinstance(stages, list) or not all(isinstance(s, str) for s in stages):
+            where = f"{self.store.location(run)}/run.json"
+            raise CorruptDocument(f"{where} is corrupt (no 'stages' list): repair or remove it")
         return doc
 
+    def list_status(self) -> list[dict[str, Any]]:
+        """Every run's status, for `list`. A run whose records cannot be read is listed with state "unknown" and
+        the reason, so one damaged run never hides the others."""
+        rows = []
+        for run in self.store.list_runs():
+            try:
+                rows.append(self.status(run))
+            except CorruptDocument as e:
+                try:
+                    record = self.store.read_json(f"runs/{run}/run.json") or {}
+                except CorruptDocument:
+                    record = {}
+                rows.append(
+                    {
+                        "run": run,
+                        "recipe": str(record.get("recipe", "?")),
+                        "state": "unknown",
+                        "created": str(record.get("created", "?")),
+                        "backend": str(record.get("backend", "local")),
+                        "stages": [],
+                        "reason": str(e),
+                        "path": self.store.location(run),
+                    }
+                )
+        return rows
+
     # -- submit
-    def create(self, recipe: Recipe) -> str:
+    def create(self, recipe: Recipe, run_id: str | None = None) -> str:
+        """A new run of `recipe`: its id (`run_id`, or a new one) is claimed in the store first, so an existing
+        run is never written over; a given id that is taken is an error, a drawn one is drawn again."""
         preflight(recipe)
+        if run_id is not None and not is_run_id(run_id):
+            raise ConfigError(f"run id '{run_id}' is not a DNS label (lowercase letters, digits and '-', <= 63)")
         self.store.check()
-        run = new_run_id(recipe.name)
+        run = self._claim(recipe, run_id)
         stages = stages_for(recipe)
         recipe_file = self.store.local_dir(run) / "recipe.yaml"  # the file the stage programs read
-        recipe_file.write_text(recipe.to_yaml(), encoding="utf-8")
+        write_atomic(recipe_file, recipe.to_yaml())
         self.store.put_file(f"runs/{run}/recipe.yaml", recipe_file)
         self._save_state(run, {s: {"state": "pending"} for s in stages})
         self.store.write_json(
@@ -114,6 +154,17 @@ class LocalBackend:
             },
         )
         return run
+
+    def _claim(self, recipe: Recipe, run_id: str | None) -> str:
+        if run_id is not None:
+            if not self.store.claim_run(run_id):
+                raise TunectlError(f"run {run_id} already exists in {redact(self.store.uri)}: choose another id")
+            return run_id
+        for _ in range(ID_ATTEMPTS):
+            run = new_run_id(recipe.name)
+            if self.store.claim_run(run):
+                return run
+        raise TunectlError(f"could not find an unused run id in {redact(self.store.uri)} after {ID_ATTEMPTS} tries")
 
     def execute(self, run: str, echo: IO[str] | None = None) -> None:
         """Run every pending stage in order; the first failure stops the run and skips the rest.
@@ -184,7 +235,7 @@ class LocalBackend:
             STATUS_ENV: str(status_path),
         }
         error: str | None = None
-        with open(log_path, "wb") as log:
+        with create_fresh(log_path) as log:  # a new file: never appended to through a link left at its name
             # Its own process group (Ctrl-C in a terminal reaches this process, which stops the whole group and
             # waits for it), bound to this process's life.
             proc = subprocess.Popen(
@@ -237,7 +288,9 @@ class LocalBackend:
                 s["seconds"] = round(_seconds_between(s["started"], end), 1)
             manifest = self.store.manifest(run, stage)
             if manifest:
-                s["seconds"] = manifest["timings"]["seconds"]
+                seconds = (manifest.get("timings") or {}).get("seconds")
+                if isinstance(seconds, (int, float)):
+                    s["seconds"] = seconds
                 s["metrics"] = manifest.get("metrics", {})
                 s["notes"] = manifest.get("notes", [])
                 s["files"] = len(manifest["files"])
@@ -253,7 +306,8 @@ class LocalBackend:
             if "running" in states
             else next((x for x in states if x in ("cancelled", "interrupted")), "pending")
         )
-        return {**record, "state": overall, "stages": stages, "path": self.store.location(run)}
+        defaults = {"run": run, "recipe": "?", "created": "?", "backend": "local"}  # a hand-edited record
+        return {**defaults, **record, "state": overall, "stages": stages, "path": self.store.location(run)}
 
     def logs(self, run: str, stage: str | None) -> list[tuple[str, str]]:
         record = self.run_record(run)
@@ -310,7 +364,10 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
 
 
 def _seconds_between(start: str, end: str) -> float:
-    return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    try:
+        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
+    except (TypeError, ValueError):  # a hand-edited state.json: no duration rather than no status
+        return 0.0
 
 
 def _alive(pid: int | None) -> bool:

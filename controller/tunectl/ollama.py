@@ -3,7 +3,7 @@ generation through the server's HTTP API that must end at a stop token.
 
 The client talks to the server named by `--ollama-host` / OLLAMA_HOST (Ollama's own variable, same forms:
 `host:port` or a URL; default 127.0.0.1:11434). `ollama create` reads the GGUF here and uploads it to that server,
-so the server may be another machine.
+so the server may be another machine. Every message shows the URL with any user:password in it redacted.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .contract import ContractError, render_prompt
-from .errors import TunectlError
+from .errors import TunectlError, executable, redact
 
 DEFAULT_HOST = "127.0.0.1:11434"
 # Ollama's model names: a name of letters, digits and . _ - (optionally namespace/name), an optional :tag.
@@ -34,7 +34,9 @@ def modelfile(gguf_name: str, contract: dict[str, Any]) -> str:
         raise ContractError("the run's manifest has no prompt template or stop tokens: re-run its train stage")
 
     def literal(text: str) -> str:
-        return text.replace("{{", '{{ "{{" }}')
+        # Text with a brace goes in as a Go string literal: a bare `{` or `{{` beside an action would be read
+        # as part of it. JSON's string escapes are a subset of Go's.
+        return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if "{" in text or "}" in text else text
 
     tpl = contract["prompt_template"]
     template = (
@@ -65,12 +67,13 @@ def base_url(host: str | None) -> str:
 
 
 def binary() -> str | None:
-    return os.environ.get("TUNECTL_OLLAMA") or shutil.which("ollama")
+    override = os.environ.get("TUNECTL_OLLAMA")
+    return executable(override, "TUNECTL_OLLAMA", "the ollama program") if override else shutil.which("ollama")
 
 
 def create_hint(name: str, modelfile_path: Path, url: str) -> str:
     """The command a user runs where the Ollama client is."""
-    return f"cd {modelfile_path.parent} && OLLAMA_HOST={url} ollama create {name} -f {modelfile_path.name}"
+    return f"cd {modelfile_path.parent} && OLLAMA_HOST={redact(url)} ollama create {name} -f {modelfile_path.name}"
 
 
 def create(exe: str, name: str, modelfile_path: Path, url: str) -> None:
@@ -84,7 +87,7 @@ def create(exe: str, name: str, modelfile_path: Path, url: str) -> None:
     )
     if proc.returncode != 0:
         last = next((ln for ln in reversed((proc.stderr + proc.stdout).splitlines()) if ln.strip()), "no output")
-        raise TunectlError(f"ollama create {name} against {url} failed: {last.strip()}")
+        raise TunectlError(redact(f"ollama create {name} against {url} failed: {last.strip()}"))
 
 
 def generate(
@@ -106,10 +109,10 @@ def generate(
             return json.loads(resp.read())
     except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace")[:300]
-        raise TunectlError(f"Ollama at {url} answered {e.code} for {name}: {detail}") from None
+        raise TunectlError(redact(f"Ollama at {url} answered {e.code} for {name}: {detail}")) from None
     except (urllib.error.URLError, OSError) as e:
         reason = getattr(e, "reason", e)
-        raise TunectlError(f"cannot reach Ollama at {url} ({reason}): start it or pass --ollama-host") from None
+        raise TunectlError(redact(f"cannot reach Ollama at {url} ({reason}): start it or pass --ollama-host")) from None
 
 
 def verify(url: str, name: str, instruction: str, input: str, max_tokens: int) -> dict[str, Any]:
@@ -118,7 +121,7 @@ def verify(url: str, name: str, instruction: str, input: str, max_tokens: int) -
     answer = out.get("response", "")
     if out.get("done_reason") != "stop" or not answer.strip():
         raise TunectlError(
-            f"{name} on {url} did not answer and stop within {max_tokens} tokens "
+            f"{name} on {redact(url)} did not answer and stop within {max_tokens} tokens "
             f"(done_reason {out.get('done_reason')!r}, {out.get('eval_count')} tokens): check the Modelfile's stops"
         )
     return out

@@ -14,7 +14,8 @@ from typing import Any
 
 from . import ollama, vllm
 from .contract import ContractError, check_model_dir
-from .errors import TunectlError
+from .errors import TunectlError, redact
+from .files import refuse_linked_dirs, write_atomic
 from .store import MANIFEST, Store, selected_files
 
 STAGES = ("train", "merge", "gguf")
@@ -39,7 +40,8 @@ def plan(
     manifests = {s: store.manifest(run, s) for s in STAGES}
     if store.read_json(f"runs/{run}/run.json") is None and not any(manifests.values()):
         known = store.list_runs()
-        raise TunectlError(f"no run '{run}' in {store.uri}" + (f"; runs: {', '.join(known[-5:])}" if known else ""))
+        where = redact(store.uri)
+        raise TunectlError(f"no run '{run}' in {where}" + (f"; runs: {', '.join(known[-5:])}" if known else ""))
     if quant is not None:
         if stage not in (None, "gguf"):
             raise TunectlError("--quant selects GGUF files: use it with --stage gguf or without --stage")
@@ -90,11 +92,14 @@ def pull(store: Store, run: str, dest: Path, selections: list[Selection], progre
             progress(n)
 
     for sel in selections:
+        for rel in [MANIFEST, *(rel for rel, _ in selected_files(sel.manifest, sel.select))]:
+            refuse_linked_dirs(dest, f"{sel.stage}/{rel}")
         got = store.fetch(run, sel.stage, dest=dest / sel.stage, select=sel.select, progress=safe_progress)
         # The manifest goes along (last, as in the store), listing what was pulled, so the copy stays verifiable.
+        # Written beside and renamed over whatever is at its name: a link there is replaced, never written through.
         files = dict(selected_files(got.manifest, sel.select))
         doc = {**got.manifest, "files": files}
-        (dest / sel.stage / MANIFEST).write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
+        write_atomic(dest / sel.stage / MANIFEST, json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
 
 
 def default_quant(store: Store, run: str) -> str | None:
@@ -140,9 +145,9 @@ def to_ollama(
     gguf_dir = dest / "gguf"
     gguf_name = next(f for f in manifest["files"] if f.endswith(f"-{quant}.gguf"))
     path = gguf_dir / "Modelfile"
-    path.write_text(ollama.modelfile(gguf_name, manifest["contract"]), encoding="utf-8")
+    write_atomic(path, ollama.modelfile(gguf_name, manifest["contract"]), durable=False)
     url = ollama.base_url(host)
-    result: dict[str, Any] = {"name": name, "quant": quant, "modelfile": path, "url": url}
+    result: dict[str, Any] = {"name": name, "quant": quant, "modelfile": path, "url": redact(url)}
     exe = ollama.binary()
     if exe is None:
         result["hint"] = ollama.create_hint(name, path, url)
@@ -178,6 +183,7 @@ def to_vllm(
     contract = merge_manifest.get("contract")
     if not contract:  # before fetching gigabytes
         raise ContractError(f"run {run}'s merge manifest has no contract: re-run its merge stage")
+    refuse_linked_dirs(dest, f"{vllm.PULLED}/{MANIFEST}")  # the pristine copy goes under DIR too
     transfer(store, run, dest / vllm.PULLED, selections, bar)
     vllm.link_tree(dest / vllm.PULLED / "merge" / part, dest)
     fixed = check_model_dir(dest, contract)

@@ -8,13 +8,16 @@ override only what differs; `--set a.b=value` overrides any field after that.
 from __future__ import annotations
 
 import difflib
+import re
+import string
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import Annotated, Any, Literal, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from . import yamlsafe
 from .errors import ConfigError
 
 # The Alpaca prompt (instruction / input / response). The response slot is last so the text before it
@@ -48,12 +51,18 @@ OPTIMIZERS = ("adamw_8bit", "paged_adamw_8bit", "adamw_torch", "adamw_torch_fuse
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # Unknown keys are errors; numbers are finite (`.inf` / `.nan` are valid YAML floats).
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+
+# Counts and sizes: strict, so YAML's `true` is not the number 1 and `3.7` is not silently 3.
+Count = Annotated[int, Field(strict=True)]
+SEED_MAX = 2**32 - 1  # numpy's seed range, which transformers' set_seed passes the seed to
 
 
 class ModelSpec(_Strict):
     name: str = Field(description="Hub id, local directory, local .gguf file, or package:<module>/<file>")
-    max_seq_length: int = Field(2048, gt=0)
+    max_seq_length: Count = Field(2048, gt=0, le=1 << 20)
     load_in_4bit: bool = Field(True, description="QLoRA: load the base in 4-bit (needs CUDA)")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"
     merge_base: str | None = Field(
@@ -64,6 +73,44 @@ class ModelSpec(_Strict):
         if self.merge_base:
             return self.merge_base
         return self.name[: -len("-bnb-4bit")] if self.name.endswith("-bnb-4bit") else self.name
+
+
+PROMPT_FIELDS = ("instruction", "input", "output")
+
+
+def check_prompt_template(template: str) -> None:
+    """The template is read the way `str.format` reads it, and every place that renders it (training text,
+    inference prompt, Jinja chat template, Ollama TEMPLATE) splits it the same way: so it may hold exactly the
+    three plain fields, each once, `{output}` last. Attribute access, indexes, conversions and format specs
+    would make the served prompt differ from the trained one. Literal braces are written `{{` and `}}`."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise ValueError(f"is not a valid template ({e}); write a literal brace as {{{{ or }}}}") from None
+    seen: list[str] = []
+    for _, field, spec, conversion in parsed:
+        if field is None:
+            continue
+        shown = "{" + field + (f"!{conversion}" if conversion else "") + (f":{spec}" if spec else "") + "}"
+        if field not in PROMPT_FIELDS:
+            raise ValueError(
+                f"has the placeholder {shown}: only {{instruction}}, {{input}} and {{output}} are allowed "
+                "(write a literal brace as {{ or }})"
+            )
+        if spec or conversion:
+            raise ValueError(f"has {shown}: placeholders take no conversion or format, write {{{field}}}")
+        if field in seen:
+            raise ValueError(f"has {{{field}}} twice: each placeholder appears once")
+        seen.append(field)
+    for name in PROMPT_FIELDS:
+        if name not in seen:
+            raise ValueError(f"must contain the placeholder {{{name}}}")
+    if parsed[-1][1] != "output":
+        raise ValueError("must end with {output}, so the text before it is the inference prompt")
+    if '"""' in template:
+        raise ValueError('contains """, which an Ollama Modelfile cannot quote')
+    if "\x00" in template:
+        raise ValueError("contains a NUL character")
 
 
 class Columns(_Strict):
@@ -79,22 +126,23 @@ class DataSpec(_Strict):
     prompt_template: str = ALPACA_TEMPLATE
     columns: Columns = Columns()
     add_eos: bool = Field(True, description="append the EOS token so the model learns to stop")
-    max_rows: int | None = Field(None, gt=0)
+    max_rows: Count | None = Field(None, gt=0)
+    too_long: Literal["error", "drop", "cut_prompt"] = Field(
+        "error",
+        description="rows longer than model.max_seq_length tokens: refuse the data set, drop them, or shorten "
+        "their prompt (input, then instruction) so the response and EOS stay whole",
+    )
 
     @field_validator("prompt_template")
     @classmethod
     def _template_slots(cls, v: str) -> str:
-        for slot in ("{instruction}", "{input}", "{output}"):
-            if slot not in v:
-                raise ValueError(f"must contain the placeholder {slot}")
-        if not v.endswith("{output}"):
-            raise ValueError("must end with {output}, so the text before it is the inference prompt")
+        check_prompt_template(v)
         return v
 
 
 class LoraSpec(_Strict):
-    r: int = Field(16, gt=0)
-    alpha: int = Field(16, gt=0)
+    r: Count = Field(16, gt=0, le=4096)
+    alpha: Count = Field(16, gt=0)
     dropout: float = Field(0.0, ge=0, lt=1)
     bias: Literal["none", "all", "lora_only"] = "none"
     target_modules: list[str] = Field(
@@ -102,22 +150,22 @@ class LoraSpec(_Strict):
         min_length=1,
     )
     use_gradient_checkpointing: Union[Literal["unsloth"], bool] = "unsloth"  # noqa: UP007
-    random_state: int = 3407
+    random_state: Count = Field(3407, ge=0, le=SEED_MAX)
     use_rslora: bool = False
     loftq_config: dict[str, Any] | None = None
 
 
 class TrainingSpec(_Strict):
-    per_device_train_batch_size: int = Field(1, gt=0)
-    gradient_accumulation_steps: int = Field(4, gt=0)
-    warmup_steps: int = Field(5, ge=0)
-    max_steps: int = Field(60, gt=0)
-    learning_rate: float = Field(2e-4, gt=0)
+    per_device_train_batch_size: Count = Field(1, gt=0, le=4096)
+    gradient_accumulation_steps: Count = Field(4, gt=0, le=65536)
+    warmup_steps: Count = Field(5, ge=0)
+    max_steps: Count = Field(60, gt=0, le=10_000_000)
+    learning_rate: float = Field(2e-4, gt=0, le=1)
     optim: Literal[OPTIMIZERS] = "adamw_8bit"  # type: ignore[valid-type]
-    weight_decay: float = Field(0.01, ge=0)
+    weight_decay: float = Field(0.01, ge=0, le=1)
     lr_scheduler_type: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    seed: int = 3407
-    logging_steps: int = Field(1, gt=0)
+    seed: Count = Field(3407, ge=0, le=SEED_MAX)
+    logging_steps: Count = Field(1, gt=0)
     packing: bool = False
 
 
@@ -138,7 +186,7 @@ class ExportSpec(_Strict):
 class TestPrompt(_Strict):
     instruction: str
     input: str = ""
-    max_new_tokens: int = Field(128, gt=0)
+    max_new_tokens: Count = Field(128, gt=0, le=32768)
 
 
 class Recipe(_Strict):
@@ -180,14 +228,18 @@ def builtin_names() -> list[str]:
     return sorted(p.stem for p in builtin_dir().glob("*.yaml"))
 
 
+_BUILTIN_NAME = re.compile(r"^[a-z0-9][-a-z0-9]*$")
+
+
 def _locate(ref: str) -> Path:
     path = Path(ref).expanduser()
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
             raise ConfigError(f"recipe file {ref} does not exist")
         return path
+    # Only a plain name is looked up among the built-ins: `../x` must not reach files beside them.
     builtin = builtin_dir() / f"{ref}.yaml"
-    if builtin.is_file():
+    if _BUILTIN_NAME.match(ref) and builtin.is_file():
         return builtin
     raise ConfigError(
         f"unknown recipe '{ref}': built-in recipes are {', '.join(builtin_names())}, or pass a path to a YAML file"
@@ -195,10 +247,7 @@ def _locate(ref: str) -> Path:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
-    try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+    doc = yamlsafe.read(path)
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: a recipe must be a YAML mapping")
     return doc
@@ -234,11 +283,16 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     key, sep, text = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {item}: expected KEY=VALUE, for example --set training.max_steps=30")
+    path = key.strip().split(".")
+    if any(not p.strip() for p in path):
+        raise ConfigError(f"--set {item}: '{key}' has an empty part; write KEY.SUBKEY=VALUE")
     try:
-        value = yaml.safe_load(text) if text.strip() else ""
-    except yaml.YAMLError:
-        value = text
-    return [p for p in key.strip().split(".")], value
+        value = yamlsafe.load(text, f"--set {key}") if text.strip() else ""
+    except yamlsafe.RefusedYAML:
+        raise
+    except ConfigError:
+        value = text  # not YAML: a plain string (a template with ': ' in it, say)
+    return [p.strip() for p in path], value
 
 
 def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -254,7 +308,10 @@ def apply_overrides(doc: dict[str, Any], overrides: list[str]) -> dict[str, Any]
                     raise ConfigError(f"--set {item}: '{part}' is not a section")
                 node[part] = child
             node = child
-        node[path[-1]] = value
+        last, old = path[-1], node.get(path[-1])
+        # A mapping merges into the section it names (`--set training={max_steps: 3}` changes one field, not
+        # the whole section back to defaults), as `extends:` does.
+        node[last] = _deep_merge(old, value) if isinstance(value, dict) and isinstance(old, dict) else value
     return doc
 
 
@@ -290,7 +347,8 @@ def _explain(e: ValidationError, source: str) -> str:
     else:
         got = err.get("input")
         shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
-        msg = f"'{where}': {err['msg'][0].lower()}{err['msg'][1:]}{shown}"
+        text = err["msg"].removeprefix("Value error, ")  # our own validators' messages read as they are
+        msg = f"'{where}': {text[0].lower()}{text[1:]}{shown}"
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return f"recipe {source}: {msg}{more}"
 

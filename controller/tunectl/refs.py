@@ -31,10 +31,17 @@ def resolve(ref: str, what: str) -> Ref:
     """Resolve without importing the package (some data packages import heavy plugins on import)."""
     if ref.startswith(PACKAGE_PREFIX):
         module, _, inner = ref[len(PACKAGE_PREFIX) :].partition("/")
-        spec = importlib.util.find_spec(module) if module else None
+        # A top-level name only (find_spec of `a.b` imports `a`), and a file inside it: in an image, a path
+        # that climbs out of the package would read whatever else the container holds.
+        if not module.isidentifier() or not inner or inner.startswith("/") or ".." in inner.split("/"):
+            raise ConfigError(f"{what} {ref}: expected package:<module>/<file inside it>")
+        spec = importlib.util.find_spec(module)
         if spec is None or not spec.submodule_search_locations:
             raise ConfigError(f"{what} {ref}: Python package '{module}' is not installed (pip install it)")
-        path = Path(list(spec.submodule_search_locations)[0]) / inner
+        root = Path(list(spec.submodule_search_locations)[0])
+        path = root / inner
+        if not path.resolve().is_relative_to(root.resolve()):
+            raise ConfigError(f"{what} {ref}: leads outside package '{module}' (through a link)")
         if not path.exists():
             raise ConfigError(f"{what} {ref}: {path} does not exist in package '{module}'")
         return Ref(ref, path, None)

@@ -10,7 +10,9 @@ Transfers are safe to interrupt and repeat:
   interrupted publish never looks complete.
 - download: ranges are fetched in parallel and appended in order to `<file>.part`; an interrupted download
   resumes from the end of that prefix. Every file is verified against the manifest's
-  sha256 before it is moved into place.
+  sha256 before it is moved into place. A `.part` that is not a regular file of ours (a symlink, say) is
+  replaced, never opened: nothing outside the destination is written.
+- the endpoint URL is printed with any user:password in it redacted.
 - transient errors (connection refused or reset, timeouts, 5xx, throttling) are retried with backoff.
 """
 
@@ -30,23 +32,28 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import ArtifactError, TunectlError
+from .errors import ArtifactError, ConfigError, TunectlError, redact
+from .files import create_fresh, open_regular, read_regular
 from .store import (
     MANIFEST,
     StageArtifacts,
+    check_manifest,
     completed_manifest,
     manifest_doc,
     matches,
+    parse_document,
     safe_key,
     selected_files,
     sha256_file,
-    sha256_prefix,
+    sha256_stream,
+    write_atomic,
 )
 
 T = TypeVar("T")
 log = logging.getLogger("tunectl")
 
 JOURNAL = ".uploaded.json"
+CLAIM = ".claimed"  # marks a run id as taken (claim_run)
 PART_SIZE = 64 * 2**20  # multipart upload part
 RANGE_SIZE = 16 * 2**20  # download range; CONCURRENCY of them are in memory at once
 CONCURRENCY = int(os.environ.get("TUNECTL_S3_CONCURRENCY", "8"))  # parallel parts per file, both directions
@@ -99,7 +106,12 @@ class S3Store:
                 request_checksum_calculation="when_required",
                 response_checksum_validation="when_required",
             )
-            client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+            try:
+                client = boto3.session.Session().client("s3", endpoint_url=endpoint, config=config)
+            except ValueError:  # botocore's message repeats the URL, password and all
+                raise ConfigError(
+                    f"AWS_ENDPOINT_URL {redact(endpoint or '')} is not a valid URL (expected http(s)://HOST[:PORT])"
+                ) from None
         self.client = client
         cache = cache_root or Path(
             os.environ.get("TUNECTL_S3_CACHE")
@@ -114,7 +126,8 @@ class S3Store:
 
     @property
     def endpoint(self) -> str:
-        return self.client.meta.endpoint_url
+        """The endpoint for messages: any user:password in AWS_ENDPOINT_URL is redacted."""
+        return redact(self.client.meta.endpoint_url)
 
     def __repr__(self) -> str:
         return f"S3Store({self.uri} at {self.endpoint})"
@@ -160,9 +173,12 @@ class S3Store:
             )
         if code in _RETRYABLE_CODES:
             return None
-        return TunectlError(f"{where}: {code}: {cause.response.get('Error', {}).get('Message', '')}".rstrip(": "))
+        message = redact(str(cause.response.get("Error", {}).get("Message", "")))
+        return TunectlError(f"{where}: {code}: {message}".rstrip(": "))
 
     def _retry(self, what: str, fn: Callable[[], T], sleep: Callable[[float], None] = time.sleep) -> T:
+        from botocore.exceptions import BotoCoreError
+
         deadline = time.monotonic() + _retry_seconds()
         delay = 0.5
         while True:
@@ -175,11 +191,15 @@ class S3Store:
                 if fatal is not None:
                     raise fatal from None
                 if not _is_transient(e):
+                    if isinstance(e, BotoCoreError):  # its message may carry the endpoint URL: one redacted line
+                        raise TunectlError(
+                            f"S3 store {self.endpoint} bucket '{self.bucket}': {what} failed: {redact(str(e))}"
+                        ) from None
                     raise
                 if time.monotonic() + delay > deadline:
                     raise TransientError(
                         f"S3 store {self.endpoint} bucket '{self.bucket}': {what} kept failing "
-                        f"for {_retry_seconds():.0f}s ({type(e).__name__}: {e})"
+                        f"for {_retry_seconds():.0f}s ({type(e).__name__}: {redact(str(e))})"
                     ) from None
                 log.warning("%s failed (%s); retrying in %.1fs", what, type(e).__name__, delay)
                 sleep(delay * (0.5 + random.random()))
@@ -199,7 +219,7 @@ class S3Store:
 
     def read_json(self, key: str) -> dict[str, Any] | None:
         data = self._get_bytes(key)
-        return None if data is None else json.loads(data)
+        return None if data is None else parse_document(data, f"{self.uri}/{safe_key(key)}")
 
     def read_text(self, key: str) -> str | None:
         data = self._get_bytes(key)
@@ -236,11 +256,40 @@ class S3Store:
             return out
 
         names = self._retry("listing runs", runs)
-        return sorted(n for n in names if self.read_json(f"runs/{n}/run.json") is not None)
+        # Existence, not content: a run whose record is damaged is still a run (`list` shows it as unknown).
+        return sorted(n for n in names if self._head(f"runs/{n}/run.json") is not None)
+
+    def claim_run(self, run: str) -> bool:
+        """Take `run` as a new run's id: False if anything is stored under it. The marker object is written only
+        if absent (If-None-Match), so of two clients that pick the same id exactly one gets it."""
+        prefix = self._key(f"runs/{safe_key(run)}") + "/"
+        listed = self._retry(
+            "checking the run id",
+            lambda: self.client.list_objects_v2(Bucket=self.bucket, Prefix=prefix, MaxKeys=1),
+        )
+        if listed.get("KeyCount", 0):
+            return False
+        key = self._key(f"runs/{run}/{CLAIM}")
+        conditional = "IfNoneMatch" in self.client.meta.service_model.operation_model("PutObject").input_shape.members
+
+        def put() -> bool:
+            try:
+                if conditional:
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=b"", IfNoneMatch="*")
+                else:  # a botocore too old for conditional writes: the listing above is the only check
+                    self.client.put_object(Bucket=self.bucket, Key=key, Body=b"")
+            except Exception as e:
+                if _code(e) in ("PreconditionFailed", "412", "ConditionalRequestConflict", "409"):
+                    return False
+                raise
+            return True
+
+        return self._retry("claiming the run id", put)
 
     # -- stage handoff
     def manifest(self, run: str, stage: str) -> dict[str, Any] | None:
-        return self.read_json(f"runs/{run}/{stage}/{MANIFEST}")
+        doc = self.read_json(f"runs/{run}/{stage}/{MANIFEST}")
+        return None if doc is None else check_manifest(doc, f"{self.uri}/runs/{run}/{stage}/{MANIFEST}")
 
     def _head(self, key: str) -> dict[str, Any] | None:
         def head() -> dict[str, Any] | None:
@@ -337,11 +386,13 @@ class S3Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         part = path.with_name(path.name + ".part")
         ident = path.with_name(path.name + ".part.json")  # which object the .part is a prefix of
-        offset = _resumable_prefix(part, ident, size, sha)
-        if not offset:
-            part.write_bytes(b"")
-            ident.write_text(json.dumps({"size": size, "sha256": sha}))
-        digest = sha256_prefix(part, offset)
+        out, offset = _open_part(part, ident, size, sha)
+        try:
+            digest = sha256_stream(out, offset)
+            out.seek(offset)
+        except BaseException:
+            out.close()
+            raise
         if progress:
             progress(offset)
         ranges = iter([(o, min(o + RANGE_SIZE, size)) for o in range(offset, size, RANGE_SIZE)])
@@ -379,17 +430,26 @@ class S3Store:
         hasher = ThreadPoolExecutor(max_workers=1)  # one thread: updates stay in order
         hashed: list[Future[None]] = []
         try:
-            with open(part, "ab") as out:
+            with out:
                 inflight = deque(pool.submit(get, r) for r in islice(ranges, CONCURRENCY))
                 while inflight:
                     view = inflight.popleft().result()
-                    out.write(view)
+                    try:
+                        out.write(view)
+                    except OSError as e:  # a full disk: the error names no file by itself
+                        e.filename = e.filename or str(part)
+                        raise
                     hashed.append(hasher.submit(hash_and_release, view))
                     if progress:
                         progress(len(view))
                     nxt = next(ranges, None)
                     if nxt is not None:
                         inflight.append(pool.submit(get, nxt))
+                try:
+                    out.flush()
+                except OSError as e:
+                    e.filename = e.filename or str(part)
+                    raise
             for f in hashed:
                 f.result()
         except BaseException:
@@ -408,7 +468,7 @@ class S3Store:
                 f"run {run} stage {stage}: {rel} does not match its manifest checksum (corrupted "
                 f"in {self.uri}); re-run the stage"
             )
-        os.replace(part, path)
+        os.replace(part, path)  # a link at `path` is replaced itself, its target untouched
         ident.unlink(missing_ok=True)
 
 
@@ -426,15 +486,28 @@ def _socket_reader(body: Any) -> tuple[Callable[[memoryview], int], Callable[[],
     return fp.readinto, raw.release_conn
 
 
-def _resumable_prefix(part: Path, ident: Path, size: int, sha: str) -> int:
-    """How many bytes of `part` can be kept: all of them if it belongs to the same object, else none."""
+def _open_part(part: Path, ident: Path, size: int, sha: str) -> tuple[Any, int]:
+    """The partial download to continue and how many of its bytes to keep: all of them if it is a regular file
+    holding a prefix of this object (per `ident`), else none, and a new empty file replaces whatever was there.
+    Neither file is ever opened through a link: a planted `.part` symlink is removed, its target untouched."""
     try:
-        doc = json.loads(ident.read_text())
-    except (OSError, ValueError):
-        return 0
-    if doc != {"size": size, "sha256": sha} or not part.is_file() or part.stat().st_size > size:
-        return 0
-    return part.stat().st_size
+        doc = json.loads(read_regular(ident) or b"null")
+    except ValueError:
+        doc = None
+    if doc == {"size": size, "sha256": sha}:
+        f = open_regular(part, "r+b")
+        if f is not None:
+            n = os.fstat(f.fileno()).st_size
+            if n <= size:
+                return f, n
+            f.close()
+    f = create_fresh(part)
+    try:
+        write_atomic(ident, json.dumps({"size": size, "sha256": sha}), durable=False)
+    except BaseException:
+        f.close()
+        raise
+    return f, 0
 
 
 def _code(e: Exception) -> str:

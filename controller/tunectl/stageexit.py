@@ -42,8 +42,9 @@ def write_status(doc: dict[str, Any]) -> None:
         return
     data = json.dumps({**doc, "pid": os.getpid()}, ensure_ascii=False)[:MAX_BYTES]
     try:
-        # Rewritten in place, not renamed: on Kubernetes it is a file the kubelet mounted.
-        with open(path, "w", encoding="utf-8") as f:
+        # Rewritten in place, not renamed: on Kubernetes it is a file the kubelet mounted. Never through a link.
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o644)
+        with open(fd, "w", encoding="utf-8") as f:
             f.write(data)
     except OSError:
         pass

@@ -12,14 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Union
+from typing import IO, TYPE_CHECKING, Any, Union
 from urllib.parse import urlparse
 
-from .errors import ArtifactError, ConfigError
+from .errors import ArtifactError, ConfigError, EnvironmentProblem, redact
+from .files import copy_atomic, open_regular, write_atomic
 
 if TYPE_CHECKING:
     from .s3store import S3Store
@@ -29,23 +29,47 @@ MANIFEST_SCHEMA = "tunectl.dev/manifest/v1"
 _CHUNK = 1 << 20
 
 
+class CorruptDocument(ArtifactError):
+    """A record tunectl wrote (run.json, state.json, a manifest) cannot be parsed."""
+
+
+def parse_document(data: bytes | str, where: str) -> dict[str, Any]:
+    """A JSON object from a store document; anything else is a CorruptDocument naming `where`."""
+    try:
+        doc = json.loads(data)
+    except ValueError as e:  # JSONDecodeError, and UnicodeDecodeError for bytes that are not UTF-8
+        raise CorruptDocument(f"{where} is corrupt (not valid JSON: {e}): repair or remove it") from None
+    if not isinstance(doc, dict):
+        raise CorruptDocument(f"{where} is corrupt (a JSON {type(doc).__name__}, not an object): repair or remove it")
+    return doc
+
+
+# -- checksums
+
+
 def sha256_file(path: Path) -> str:
-    return sha256_prefix(path, path.stat().st_size).hexdigest()
-
-
-def sha256_prefix(path: Path, length: int) -> hashlib._Hash:
-    """The running sha256 of the first `length` bytes of `path`, to be continued with what follows them."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        while length > 0 and (chunk := f.read(min(_CHUNK, length))):
-            h.update(chunk)
-            length -= len(chunk)
+        return sha256_stream(f, os.fstat(f.fileno()).st_size).hexdigest()
+
+
+def sha256_stream(f: IO[bytes], length: int) -> hashlib._Hash:
+    """The running sha256 of the next `length` bytes of `f`, to be continued with what follows them."""
+    h = hashlib.sha256()
+    while length > 0 and (chunk := f.read(min(_CHUNK, length))):
+        h.update(chunk)
+        length -= len(chunk)
     return h
 
 
-def matches(path: Path, meta: dict[str, Any]) -> bool:
-    """Whether `path` holds exactly the file a manifest entry describes (size first: it is free)."""
-    return path.is_file() and path.stat().st_size == meta["size"] and sha256_file(path) == meta["sha256"]
+def matches(path: Path, meta: dict[str, Any], follow: bool = False) -> bool:
+    """Whether `path` is a regular file holding exactly what a manifest entry describes (size first: it is free).
+    In a destination (`follow` False) a link, even to the right content, does not count: a real copy replaces it."""
+    f = open_regular(path, follow=follow)
+    if f is None:
+        return False
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        return size == meta["size"] and sha256_stream(f, size).hexdigest() == meta["sha256"]
 
 
 def safe_key(key: str) -> str:
@@ -74,6 +98,7 @@ class LocalStore:
 
     def __init__(self, root: Path):
         self.root = root.expanduser().resolve()
+        _refuse_file_root(self.root)
 
     @property
     def uri(self) -> str:
@@ -95,6 +120,16 @@ class LocalStore:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def claim_run(self, run: str) -> bool:
+        """Take `run` as a new run's id: False if the id is in use. One mkdir, so of two processes that pick the
+        same id exactly one gets it, and an existing run is never written over."""
+        (self.root / "runs").mkdir(parents=True, exist_ok=True)
+        try:
+            self.run_dir(run).mkdir()
+        except FileExistsError:
+            return False
+        return True
+
     def stage_dir(self, run: str, stage: str) -> Path:
         return self.run_dir(run) / safe_key(stage)
 
@@ -106,32 +141,25 @@ class LocalStore:
 
     # -- small documents (run record, state)
     def write_json(self, key: str, doc: dict[str, Any]) -> None:
-        path = self.root / safe_key(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(doc, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        os.replace(tmp, path)  # readers never see a half-written document
+        write_atomic(self.root / safe_key(key), json.dumps(doc, indent=2, ensure_ascii=False) + "\n")
 
     def read_json(self, key: str) -> dict[str, Any] | None:
         path = self.root / safe_key(key)
         if not path.is_file():
             return None
-        return json.loads(path.read_text(encoding="utf-8"))
+        return parse_document(path.read_bytes(), str(path))
 
     def read_text(self, key: str) -> str | None:
         path = self.root / safe_key(key)
         return path.read_text(encoding="utf-8", errors="replace") if path.is_file() else None
 
     def write_text(self, key: str, text: str) -> None:
-        path = self.root / safe_key(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text, encoding="utf-8")
+        write_atomic(self.root / safe_key(key), text)
 
     def put_file(self, key: str, path: Path) -> None:
         target = self.root / safe_key(key)
         if target.resolve() != path.resolve():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
+            copy_atomic(path, target)
 
     def check(self) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
@@ -144,7 +172,9 @@ class LocalStore:
 
     # -- stage handoff
     def manifest(self, run: str, stage: str) -> dict[str, Any] | None:
-        return self.read_json(f"runs/{run}/{stage}/{MANIFEST}")
+        key = f"runs/{run}/{stage}/{MANIFEST}"
+        doc = self.read_json(key)
+        return None if doc is None else check_manifest(doc, str(self.root / key))
 
     def publish(
         self, run: str, stage: str, src: Path, manifest: dict[str, Any], progress: Progress | None = None
@@ -159,12 +189,7 @@ class LocalStore:
             if rel == MANIFEST:
                 continue
             target = dest / rel
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.unlink(missing_ok=True)
-            try:
-                os.link(path, target)
-            except OSError:
-                shutil.copy2(path, target)
+            copy_atomic(path, target, link=True)
             files[rel] = {"sha256": sha256_file(target), "size": target.stat().st_size}
             if progress:
                 progress(files[rel]["size"])
@@ -189,20 +214,44 @@ class LocalStore:
                 path = base / safe_key(rel)
                 if not path.is_file():
                     raise ArtifactError(f"run {run} stage {stage}: {rel} is listed in the manifest but missing")
-                if not matches(path, meta):
+                if not matches(path, meta, follow=True):
                     raise ArtifactError(
                         f"run {run} stage {stage}: {rel} does not match its manifest checksum (corrupted); "
                         f"re-run the stage"
                     )
                 if target is not None:
-                    _copy(path, target)
+                    copy_atomic(path, target)
             if progress:
                 progress(meta["size"])
         return StageArtifacts(run, stage, dest or base, doc)
 
 
+def _refuse_file_root(root: Path) -> None:
+    """A store path that is (or lies under) a file: one line now, not a confusing "no runs" or errno later."""
+    p = root
+    while not p.exists() and p != p.parent:
+        p = p.parent
+    if not p.is_dir():
+        where = f"{root} is" if p == root else f"{root}: {p} is"
+        raise EnvironmentProblem(
+            f"store {where} a file, not a directory: pass a directory or s3://BUCKET with --store or TUNECTL_STORE"
+        )
+
+
 def manifest_doc(run: str, stage: str, manifest: dict[str, Any], files: dict[str, Any]) -> dict[str, Any]:
     return {"schema": MANIFEST_SCHEMA, "run": run, "stage": stage, **manifest, "files": files}
+
+
+def check_manifest(doc: dict[str, Any], where: str) -> dict[str, Any]:
+    """A manifest whose file list is usable (consumers index it without further checks)."""
+    files = doc.get("files")
+    ok = isinstance(files, dict) and all(
+        isinstance(m, dict) and isinstance(m.get("size"), int) and isinstance(m.get("sha256"), str)
+        for m in files.values()
+    )
+    if not ok:
+        raise CorruptDocument(f"{where} is corrupt (no valid 'files' list): re-run the stage")
+    return doc
 
 
 def completed_manifest(store: Store, run: str, stage: str) -> dict[str, Any]:
@@ -215,14 +264,6 @@ def completed_manifest(store: Store, run: str, stage: str) -> dict[str, Any]:
 
 def selected_files(doc: dict[str, Any], select: Callable[[str], bool] | None) -> list[tuple[str, dict[str, Any]]]:
     return [(rel, meta) for rel, meta in doc.get("files", {}).items() if select is None or select(rel)]
-
-
-def _copy(src: Path, target: Path) -> None:
-    """Copy a verified file; a partial copy never takes the final name."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(target.name + ".part")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, target)
 
 
 Progress = Callable[[int], None]
@@ -244,8 +285,15 @@ def open_store(uri: str | None = None) -> Store:
         return LocalStore(Path(parsed.path if parsed.scheme else uri))
     if parsed.scheme == "s3":
         if not parsed.netloc:
-            raise ConfigError(f"store {uri}: expected s3://BUCKET[/PREFIX]")
+            raise ConfigError(f"store {redact(uri)}: expected s3://BUCKET[/PREFIX]")
+        if "@" in parsed.netloc:
+            raise ConfigError(
+                f"store {redact(uri)}: credentials do not belong in the store URI; "
+                f"set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or AWS_PROFILE"
+            )
         from .s3store import S3Store
 
         return S3Store(parsed.netloc, parsed.path)
-    raise ConfigError(f"store {uri}: unsupported scheme '{parsed.scheme}' (use a directory, file:// or s3:// URI)")
+    raise ConfigError(
+        f"store {redact(uri)}: unsupported scheme '{parsed.scheme}' (use a directory, file:// or s3:// URI)"
+    )

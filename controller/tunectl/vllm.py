@@ -10,27 +10,23 @@ from __future__ import annotations
 import json
 import os
 import shlex
-import shutil
 from pathlib import Path
 from typing import Any
+
+from .files import copy_atomic, refuse_linked_dirs
 
 PULLED = ".tunectl"
 
 
 def link_tree(src: Path, dest: Path) -> None:
-    """Hard-link every file of `src` into `dest` (a copy across file systems), replacing what is there."""
+    """Hard-link every file of `src` into `dest` (a copy across file systems), replacing what is there; a
+    symlink at a target's name is replaced itself, never written through."""
     for path in sorted(p for p in src.rglob("*") if p.is_file()):
+        refuse_linked_dirs(dest, path.relative_to(src).as_posix())
         target = dest / path.relative_to(src)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        if target.exists() and os.path.samefile(path, target):
+        if not target.is_symlink() and target.exists() and os.path.samefile(path, target):
             continue
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, tmp)
-        except OSError:
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, target)
+        copy_atomic(path, target, link=True)
 
 
 def adapter_rank(adapter_dir: Path) -> int:
