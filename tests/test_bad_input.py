@@ -135,14 +135,13 @@ def test_stage_program_without_arguments_is_a_config_error():
 
 
 def test_failed_stage_fails_the_run_and_skips_the_rest(tunectl, store, tmp_path):
-    """Input only the stage can check (a corrupt Parquet file): the run is marked failed, nothing downstream runs."""
-    data = tmp_path / "broken.parquet"
-    data.write_bytes(b"PAR1 this is not parquet")
-    proc = tunectl("submit", "ruozhiba-tiny", "-q", "--set", f"data.source={data}")
+    """Input only the stage can check (rows longer than max_seq_length, in tokens): the run is marked failed,
+    nothing downstream runs."""
+    proc = tunectl("submit", "ruozhiba-tiny", "-q", "--set", "model.max_seq_length=64")
     assert proc.returncode == 1
     last = proc.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: stage train of run ruozhiba-tiny-") and f"failed: data set {data}: " in last
-    assert "not a parquet file" in last and "(full log: tunectl logs " in last
+    assert last.startswith("error: stage train of run ruozhiba-tiny-") and " failed: data set " in last
+    assert "rows are longer than model.max_seq_length (64 tokens" in last and "(full log: tunectl logs " in last
     run = last.split(" of run ")[1].split()[0]
     status = json.loads(tunectl("status", run, "-o", "json", check=True).stdout)
     assert status["state"] == "failed"

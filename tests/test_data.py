@@ -73,3 +73,71 @@ def test_empty_parquet_is_refused(tmp_path):
     datasets.Dataset.from_list(ROWS).select([]).to_parquet(str(path))
     with pytest.raises(ConfigError, match="has no rows"):
         load(load_recipe("ruozhiba-tiny", [f"data.source={path}"]).data)
+
+
+def _check_and_load(path: Path):
+    """The submit-time check and the train stage's loading, which must agree on what a file holds."""
+    from tunectl.datacheck import peek_local_file
+    from tunectl_jobs.data import load
+
+    spec = load_recipe("ruozhiba-tiny", [f"data.source={path}"]).data
+    peek_local_file(path, spec, str(path))
+    return load(spec)
+
+
+def test_a_json_file_with_one_record_per_line_is_read_as_jsonl(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in ROWS), encoding="utf-8")
+    assert len(_check_and_load(path)) == 2
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".csv"])
+def test_a_utf8_byte_order_mark_is_read_where_datasets_reads_it(tmp_path, suffix):
+    path = _write(tmp_path / ("d" + suffix))
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    ds = _check_and_load(path)
+    assert ds.column_names[0] == "instruction" and ds[1]["output"] == "二。"
+
+
+def test_a_utf8_byte_order_mark_in_a_json_document_is_refused(tmp_path):
+    path = _write(tmp_path / "d.json")
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    with pytest.raises(ConfigError, match="the JSON starts with a byte-order mark; save it as UTF-8 without a BOM"):
+        _check_and_load(path)
+
+
+def test_records_under_a_key_are_refused_naming_it(tmp_path):
+    path = tmp_path / "d.json"
+    path.write_text(json.dumps({"version": 1, "data": ROWS}, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(ConfigError, match="the records are under the key 'data'; make the file a JSON array"):
+        _check_and_load(path)
+
+
+def test_an_unsupported_file_type_is_refused_before_loading(tmp_path):
+    from tunectl.datacheck import peek_local_file
+
+    path = tmp_path / "d.txt"
+    path.write_text("instruction: hi\n")
+    spec = load_recipe("ruozhiba-tiny", [f"data.source={path}"]).data
+    with pytest.raises(ConfigError, match=r"unsupported file type '\.txt' \(use \.json, \.jsonl, \.parquet, \.csv\)"):
+        peek_local_file(path, spec, str(path))
+
+
+def test_only_the_rows_that_train_are_checked(tmp_path):
+    path = tmp_path / "d.jsonl"
+    rows = [*ROWS, {"instruction": "问", "output": {"not": "text"}}]
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    from tunectl_jobs.data import load
+
+    with pytest.raises(ConfigError, match=r"row 3 \(line 3\): field 'output' is an object"):
+        load(load_recipe("ruozhiba-tiny", [f"data.source={path}"]).data)
+    assert len(load(load_recipe("ruozhiba-tiny", [f"data.source={path}", "data.max_rows=2"]).data)) == 2
+
+
+def test_a_column_the_recipe_does_not_use_may_hold_anything(tmp_path):
+    """Mixed types in an extra column (and a blank line) made pyarrow's JSON reader fail the whole file."""
+    path = tmp_path / "d.jsonl"
+    rows = [{**ROWS[0], "id": 1}, None, {**ROWS[1], "id": {"source": "web"}}]
+    path.write_text("".join(("" if r is None else json.dumps(r, ensure_ascii=False)) + "\n" for r in rows))
+    ds = _check_and_load(path)
+    assert len(ds) == 2 and ds[1]["input"] == "一加一"

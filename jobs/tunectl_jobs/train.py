@@ -12,13 +12,14 @@ Outputs: `adapter/` (LoRA weights + tokenizer with the EOS contract applied), `l
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 import sys
 from typing import Any
 
 from tunectl.errors import ConfigError
-from tunectl.recipe import Recipe
+from tunectl.recipe import LoraSpec, Recipe
 
 from . import data, models
 from .stage import StageContext, run_stage
@@ -114,6 +115,67 @@ def _peft_hf(ctx: StageContext, model: Any) -> Any:
     return get_peft_model(model, config)
 
 
+def _layer_dims(module: Any) -> tuple[int, int] | None:
+    """(in, out) of a layer LoRA can adapt (PEFT: linear, embedding, convolution), None for anything else."""
+    import torch
+
+    if isinstance(module, torch.nn.Embedding):
+        return module.num_embeddings, module.embedding_dim
+    if isinstance(module, torch.nn.modules.conv._ConvNd):
+        return module.in_channels, module.out_channels
+    dims = getattr(module, "in_features", None), getattr(module, "out_features", None)  # Linear, 4-bit Linear
+    if all(isinstance(d, int) for d in dims):
+        return dims  # type: ignore[return-value]
+    if type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None:  # GPT-2's linear layers
+        return tuple(module.weight.shape)  # type: ignore[return-value]
+    return None
+
+
+def check_lora_targets(model: Any, lora: LoraSpec, model_name: str) -> None:
+    """Refuse target modules that match no layer of the model, and a rank larger than a targeted layer.
+
+    PEFT and Unsloth report these mid-setup as tracebacks (a list where only some names match is silently
+    accepted: fewer layers adapted than the recipe says), and a huge rank runs out of memory. Names match as
+    PEFT matches a list: a module's full name, or its last dotted parts.
+    """
+    dims = {name: _layer_dims(m) for name, m in model.named_modules() if name}
+    kinds = {name: type(m).__name__ for name, m in model.named_modules() if name}
+    adaptable = sorted({name.rsplit(".", 1)[-1] for name, d in dims.items() if d})
+    shown = ", ".join(adaptable[:15]) + (", ..." if len(adaptable) > 15 else "")
+    unknown: list[str] = []
+    smallest: tuple[int, str] | None = None
+    for target in lora.target_modules:
+        matched = [n for n in dims if n == target or n.endswith("." + target)]
+        if not matched:
+            unknown.append(target)
+            continue
+        block = next((n for n in matched if dims[n] is None), None)
+        if block is not None:
+            raise ConfigError(
+                f"lora.target_modules: '{target}' names {kinds[block]} modules ({block}), not layers LoRA can adapt; "
+                f"name layers instead: {shown}"
+            )
+        for n in matched:
+            d = dims[n]
+            assert d is not None
+            if smallest is None or min(d) < smallest[0]:
+                smallest = (min(d), n)
+    if unknown:
+        close = [c for t in unknown for c in difflib.get_close_matches(t, adaptable, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        names, verb = ", ".join(repr(t) for t in unknown), "matches" if len(unknown) == 1 else "match"
+        raise ConfigError(
+            f"lora.target_modules: {names} {verb} no layer of {model_name}{hint}; its layers LoRA can adapt: {shown}"
+        )
+    if smallest is not None and lora.r > smallest[0]:
+        d = dims[smallest[1]]
+        assert d is not None
+        raise ConfigError(
+            f"lora.r {lora.r} exceeds the rank of the targeted layer {smallest[1]} ({d[0]} in, {d[1]} out): "
+            f"set lora.r to {smallest[0]} or less"
+        )
+
+
 def _optimizer(ctx: StageContext, cuda: bool) -> str:
     optim = ctx.recipe.training.optim
     if not cuda and optim in ("adamw_8bit", "paged_adamw_8bit"):
@@ -145,7 +207,8 @@ def train(ctx: StageContext) -> None:
     if unsloth:
         import unsloth as _  # noqa: F401  (patches transformers/trl; must come before they are imported)
     with ctx.phase("load data"):
-        ds = data.load(r.data)
+        ds, lines = data.load_rows(r.data)
+    loaded_rows = len(ds)
     with ctx.phase("load model"):
         base = models.base_model_path(r.model.name)
         model, tokenizer = (_load_unsloth if unsloth else _load_hf)(ctx, base)
@@ -161,6 +224,24 @@ def train(ctx: StageContext) -> None:
             contract["eos_token_id"],
             contract["pad_token"],
         )
+    with ctx.phase("check"):
+        check_lora_targets(model, r.lora, r.model.name)
+        max_len = r.model.max_seq_length
+        ds, fit = data.fit_to_length(ds, r.data, tokenizer, contract["eos_token"], max_len, lines)
+        log.info(
+            "rows: %d to train of %d; %d longer than max_seq_length %d (dropped %d, prompt cut %d); longest %d tokens",
+            fit["rows_trained"],
+            loaded_rows,
+            fit["rows_too_long"],
+            max_len,
+            fit["rows_dropped"],
+            fit["rows_prompt_cut"],
+            fit["longest_row_tokens"],
+        )
+        if fit["rows_dropped"]:
+            ctx.note(f"data.too_long drop: {fit['rows_dropped']} rows longer than {max_len} tokens not trained on")
+        if fit["rows_prompt_cut"]:
+            ctx.note(f"data.too_long cut_prompt: {fit['rows_prompt_cut']} rows had their prompt shortened")
     prompts = [(r.prompt_for(p.instruction, p.input), p.max_new_tokens) for p in r.test_prompts]
     stop_ids = contract["stop_token_ids"]
 
@@ -235,7 +316,7 @@ def train(ctx: StageContext) -> None:
 
         shutil.rmtree(ctx.out / ".trainer", ignore_errors=True)
 
-    ctx.inputs = {"model": r.model.name, "resolved_model": base, "data": r.data.source, "rows": len(ds)}
+    ctx.inputs = {"model": r.model.name, "resolved_model": base, "data": r.data.source, "rows": loaded_rows}
     ctx.metrics = {
         "backend": "unsloth" if unsloth else "transformers+peft",
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
@@ -246,6 +327,7 @@ def train(ctx: StageContext) -> None:
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "after_stopped_at_eos": all(g["stopped_at_eos"] for g in after) if after else None,
+        **fit,
     }
     ctx.extra = {"contract": {**contract, "prompt_template": r.data.prompt_template, "base_model": base}}
 
