@@ -17,6 +17,31 @@ def pytest_configure(config):
     os.environ.setdefault("TUNECTL_HELM", str(helm_path()))
 
 
+def one_line_error(proc: subprocess.CompletedProcess[str], code: int | None = None) -> str:
+    """The one `error: ...` line a refused command prints, checked with its exit code (default: input, 78)."""
+    from tunectl.errors import EXIT_CONFIG_ERROR
+
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert proc.returncode == (EXIT_CONFIG_ERROR if code is None else code), proc.stderr[-2000:]
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
+    return lines[0]
+
+
+def no_runs(store: Path) -> None:
+    """Nothing that could look like a run, complete or not, was created."""
+    assert not (store / "runs").exists() or not any((store / "runs").iterdir())
+
+
+def run_stage(stage: str, recipe: Path, store: Path, run: str = "r1") -> subprocess.CompletedProcess[str]:
+    """A stage program as a container runs it."""
+    return subprocess.run(
+        [sys.executable, "-m", f"tunectl_jobs.{stage}", "--recipe", str(recipe), "--store", str(store), "--run", run],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+
+
 @pytest.fixture
 def store(tmp_path: Path) -> Path:
     return tmp_path / "store"

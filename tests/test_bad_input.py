@@ -8,20 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import no_runs, one_line_error, run_stage
 
 from tunectl.errors import EXIT_CONFIG_ERROR
-
-
-def _one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == EXIT_CONFIG_ERROR, proc.stderr
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    return lines[0]
-
-
-def _no_runs(store: Path) -> None:
-    assert not (store / "runs").exists() or not any((store / "runs").iterdir())
 
 
 def _jsonl(path: Path, rows: list[dict]) -> Path:
@@ -47,49 +36,49 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 )
 def test_submit_rejects_bad_input(tunectl, store, args, expected):
     proc = tunectl("submit", *args)
-    assert expected in _one_line_error(proc)
-    _no_runs(store)
+    assert expected in one_line_error(proc)
+    no_runs(store)
 
 
 def test_merged_4bit_without_a_gpu_is_refused_before_training(tunectl, store):
     torch = pytest.importorskip("torch")
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    line = _one_line_error(tunectl("submit", "ruozhiba-tiny", "--set", "export.merged_4bit=true"))
+    line = one_line_error(tunectl("submit", "ruozhiba-tiny", "--set", "export.merged_4bit=true"))
     assert "export.merged_4bit needs a CUDA GPU (bitsandbytes) and this machine has none" in line
-    _no_runs(store)
+    no_runs(store)
 
 
 def test_data_without_output_column(tunectl, store, tmp_path):
     data = _jsonl(tmp_path / "d.jsonl", [{"instruction": "问", "input": "", "answer": "答"}])
-    line = _one_line_error(tunectl("submit", "ruozhiba-tiny", "--set", f"data.source={data}"))
+    line = one_line_error(tunectl("submit", "ruozhiba-tiny", "--set", f"data.source={data}"))
     assert f"data set {data} has no 'output' column (found: answer, input, instruction)" in line
     assert "--set data.columns.output=<column>" in line
-    _no_runs(store)
+    no_runs(store)
 
 
 def test_data_without_instruction_column(tunectl, store, tmp_path):
     data = _jsonl(tmp_path / "d.jsonl", [{"question": "问", "output": "答"}])
-    assert "has no 'instruction' column" in _one_line_error(
+    assert "has no 'instruction' column" in one_line_error(
         tunectl("submit", "ruozhiba-tiny", "--set", f"data.source={data}")
     )
-    _no_runs(store)
+    no_runs(store)
 
 
 def test_empty_data_set(tunectl, store, tmp_path):
     data = tmp_path / "empty.jsonl"
     data.write_text("")
-    assert f"data set {data} has no rows" in _one_line_error(
+    assert f"data set {data} has no rows" in one_line_error(
         tunectl("submit", "ruozhiba-tiny", "--set", f"data.source={data}")
     )
-    _no_runs(store)
+    no_runs(store)
 
 
 def test_model_directory_without_config(tunectl, store, tmp_path):
     (tmp_path / "m").mkdir()
-    line = _one_line_error(tunectl("submit", "ruozhiba-tiny", "--set", f"model.name={tmp_path / 'm'}"))
+    line = one_line_error(tunectl("submit", "ruozhiba-tiny", "--set", f"model.name={tmp_path / 'm'}"))
     assert "has no config.json" in line
-    _no_runs(store)
+    no_runs(store)
 
 
 def test_status_of_unknown_run(tunectl):
@@ -108,12 +97,7 @@ def test_train_stage_checks_its_own_input(tmp_path):
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(load_recipe("ruozhiba-tiny", [f"data.source={data}"]).to_yaml())
     store = tmp_path / "store"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tunectl_jobs.train", "--recipe", str(recipe), "--store", str(store), "--run", "r1"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_stage("train", recipe, store)
     assert proc.returncode == EXIT_CONFIG_ERROR, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines()[-1].startswith(f"error: data set {data} has no 'output' column")
     assert LocalStore(store).manifest("r1", "train") is None

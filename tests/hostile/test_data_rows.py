@@ -10,10 +10,10 @@ from __future__ import annotations
 import csv
 import json
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import no_runs, one_line_error, run_stage
 
 from tunectl.errors import EXIT_CONFIG_ERROR, ConfigError
 from tunectl.recipe import load_recipe
@@ -23,17 +23,6 @@ FAST = ["-q", "--set", "training.max_steps=1", "--set", "export.gguf=[]"]
 FAST += ["--set", "export.merged_16bit=false", "--set", "export.lora=false"]
 
 GOOD = {"instruction": "为什么月亮跟着我走", "input": "", "output": "因为它离得太远。"}
-
-
-def one_line(proc: subprocess.CompletedProcess[str]) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == EXIT_CONFIG_ERROR, proc.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
-    return lines[0]
-
-
-def no_runs(store: Path) -> None:
-    assert not (store / "runs").exists() or not any((store / "runs").iterdir())
 
 
 def submit(tunectl, data: Path, *more: str) -> subprocess.CompletedProcess[str]:
@@ -62,7 +51,7 @@ def jsonl(path: Path, *lines: object) -> Path:
 )
 def test_a_bad_value_is_refused_with_its_row_and_line(tunectl, store, tmp_path, bad, expected):
     data = jsonl(tmp_path / "d.jsonl", GOOD, None, {**GOOD, **bad}, GOOD)
-    line = one_line(submit(tunectl, data))
+    line = one_line_error(submit(tunectl, data))
     assert line == f"error: data set {data} row 2 (line 3): {expected}; fix or remove the row"
     no_runs(store)
 
@@ -70,7 +59,7 @@ def test_a_bad_value_is_refused_with_its_row_and_line(tunectl, store, tmp_path, 
 def test_all_empty_rows_are_refused_and_counted(tunectl, store, tmp_path):
     empty = {"instruction": "", "input": "", "output": ""}
     data = jsonl(tmp_path / "d.jsonl", GOOD, empty, GOOD, {"instruction": "问"}, empty)
-    line = one_line(submit(tunectl, data))
+    line = one_line_error(submit(tunectl, data))
     assert line == (
         f"error: data set {data} row 2 (line 2): field 'instruction' is empty (and 2 more bad rows); "
         "fix or remove the bad rows"
@@ -81,7 +70,7 @@ def test_all_empty_rows_are_refused_and_counted(tunectl, store, tmp_path):
 def test_a_mapped_input_column_that_is_absent_is_refused(tunectl, store, tmp_path):
     data = jsonl(tmp_path / "d.jsonl", {"q": "问", "context": "上下文", "a": "答"})
     maps = ["--set", "data.columns.instruction=q", "--set", "data.columns.output=a", "--set", "data.columns.input=ctx"]
-    line = one_line(submit(tunectl, data, *maps))
+    line = one_line_error(submit(tunectl, data, *maps))
     assert f"data set {data} has no 'ctx' column (found: a, context, q)" in line
     assert "--set data.columns.input=<column>" in line
     no_runs(store)
@@ -89,7 +78,9 @@ def test_a_mapped_input_column_that_is_absent_is_refused(tunectl, store, tmp_pat
 
 def test_a_mapped_column_names_its_recipe_key(tunectl, store, tmp_path):
     data = jsonl(tmp_path / "d.jsonl", {"q": "问", "a": ["答"]})
-    line = one_line(submit(tunectl, data, "--set", "data.columns.instruction=q", "--set", "data.columns.output=a"))
+    line = one_line_error(
+        submit(tunectl, data, "--set", "data.columns.instruction=q", "--set", "data.columns.output=a")
+    )
     assert "row 1 (line 1): field 'a' (data.columns.output) is a list, expected text" in line
     no_runs(store)
 
@@ -100,14 +91,14 @@ def test_a_mapped_column_names_its_recipe_key(tunectl, store, tmp_path):
 def test_a_bad_jsonl_record_is_reported_on_its_own_line(tunectl, store, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text(json.dumps(GOOD) + "\n\n" + '{"instruction": "问", "output": "答",}\n')
-    line = one_line(submit(tunectl, data))
+    line = one_line_error(submit(tunectl, data))
     assert line.startswith(f"error: data set {data}: line 3 is not valid JSON (")
     no_runs(store)
 
 
 def test_a_jsonl_record_that_is_not_an_object_is_refused(tunectl, store, tmp_path):
     data = jsonl(tmp_path / "d.jsonl", GOOD, ["问", "答"])
-    assert f"data set {data} line 2: a list, expected a JSON object" in one_line(submit(tunectl, data))
+    assert f"data set {data} line 2: a list, expected a JSON object" in one_line_error(submit(tunectl, data))
     no_runs(store)
 
 
@@ -123,7 +114,7 @@ def test_a_data_file_in_another_encoding_is_one_line(tunectl, store, tmp_path, e
     data = tmp_path / "d.jsonl"
     rows = [{"instruction": "Name a drink", "output": "tea"}, {"instruction": "Name a place", "output": "café"}]
     data.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(encoding))
-    assert one_line(submit(tunectl, data)) == f"error: data set {data}: {expected}"
+    assert one_line_error(submit(tunectl, data)) == f"error: data set {data}: {expected}"
     no_runs(store)
 
 
@@ -134,7 +125,7 @@ def test_csv_rows_are_checked_with_their_lines(tunectl, store, tmp_path):
         w.writerow(["instruction", "input", "output"])
         w.writerow(["写一首诗", "", "床前明月光，\n疑是地上霜。"])  # a quoted field over two lines
         w.writerow(["再写一首", "", " "])
-    line = one_line(submit(tunectl, data))
+    line = one_line_error(submit(tunectl, data))
     assert line == f"error: data set {data} row 2 (line 4): field 'output' is empty; fix or remove the row"
     no_runs(store)
 
@@ -143,7 +134,7 @@ def test_parquet_rows_are_checked(tunectl, store, tmp_path):
     datasets = pytest.importorskip("datasets")
     data = tmp_path / "d.parquet"
     datasets.Dataset.from_list([{**GOOD, "output": {"text": "答"}}] * 2).to_parquet(str(data))
-    line = one_line(submit(tunectl, data))
+    line = one_line_error(submit(tunectl, data))
     assert line == (
         f"error: data set {data} row 1: field 'output' is an object, expected text (and 1 more bad rows); "
         "fix or remove the bad rows"
@@ -269,12 +260,7 @@ def test_a_target_module_matching_nothing_stops_the_stage_with_one_line(tmp_path
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(load_recipe("ruozhiba-tiny", sets).to_yaml())
     store = tmp_path / "store"
-    proc = subprocess.run(
-        [sys.executable, "-m", "tunectl_jobs.train", "--recipe", str(recipe), "--store", str(store), "--run", "r1"],
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_stage("train", recipe, store)
     assert proc.returncode == EXIT_CONFIG_ERROR, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert proc.stderr.strip().splitlines()[-1] == (
@@ -334,6 +320,6 @@ def test_the_recipes_own_lora_settings_pass(model):
 def test_a_corrupt_parquet_file_is_refused_before_the_run(tunectl, store, tmp_path):
     data = tmp_path / "broken.parquet"
     data.write_bytes(b"PAR1 this is not parquet")
-    line = one_line(tunectl("submit", "ruozhiba-tiny", "--set", f"data.source={data}"))
+    line = one_line_error(tunectl("submit", "ruozhiba-tiny", "--set", f"data.source={data}"))
     assert f"data set {data}: cannot be read as Parquet (" in line
     no_runs(store)

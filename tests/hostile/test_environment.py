@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import one_line_error
 
 from tunectl.errors import EXIT_CONFIG_ERROR, EXIT_ENVIRONMENT
 
@@ -21,12 +22,6 @@ def cli(*args: str, **env: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def one_line(proc: subprocess.CompletedProcess[str], code: int) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == code and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
-    return lines[0]
-
-
 @pytest.mark.parametrize("where", ["missing", "not-executable", "directory"])
 def test_a_wrong_helm_path_names_the_setting(tmp_path, where):
     helm = tmp_path / "helm"
@@ -35,7 +30,7 @@ def test_a_wrong_helm_path_names_the_setting(tmp_path, where):
     elif where == "directory":
         helm.mkdir()
     proc = cli("--store", "s3://bucket/runs", "render", "ruozhiba-tiny", TUNECTL_HELM=str(helm))
-    line = one_line(proc, EXIT_ENVIRONMENT)
+    line = one_line_error(proc, EXIT_ENVIRONMENT)
     assert f"TUNECTL_HELM={helm}" in line and "point it at Helm 3 or unset it" in line
 
 
@@ -50,17 +45,17 @@ def test_a_bad_namespace_is_one_line_before_any_cluster_call(tmp_path):
         "Bad_NS",
         KUBECONFIG=str(tmp_path / "none"),
     )
-    assert "namespace 'Bad_NS' must be a DNS-1123 label" in one_line(proc, EXIT_CONFIG_ERROR)
+    assert "namespace 'Bad_NS' must be a DNS-1123 label" in one_line_error(proc, EXIT_CONFIG_ERROR)
 
 
 @pytest.mark.parametrize("run", ["../../etc", "a/b", "UPPER", "x" * 64])
 def test_a_run_argument_is_a_run_id_never_a_path(tmp_path, run):
     proc = cli("status", run, "--backend", "local", TUNECTL_STORE=str(tmp_path / "store"))
-    assert "is not a run id" in one_line(proc, EXIT_CONFIG_ERROR)
+    assert "is not a run id" in one_line_error(proc, EXIT_CONFIG_ERROR)
     assert not (tmp_path / "store").exists()
 
 
 def test_usage_errors_are_one_line_too():
     proc = cli("render", "ruozhiba-tiny", "--stor", "x")
-    line = one_line(proc, 2)
+    line = one_line_error(proc, 2)
     assert "No such option '--stor'" in line and "(see 'tunectl render --help')" in line

@@ -15,22 +15,11 @@ from pathlib import Path
 import jinja2
 import pytest
 import yaml
+from conftest import no_runs, one_line_error
 
 from tunectl.contract import chat_template
-from tunectl.errors import EXIT_CONFIG_ERROR
 from tunectl.ollama import modelfile
 from tunectl.recipe import ALPACA_TEMPLATE, load_recipe
-
-
-def one_line(proc: subprocess.CompletedProcess[str], code: int = EXIT_CONFIG_ERROR) -> str:
-    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-    assert proc.returncode == code, proc.stderr[-2000:]
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-2000:]
-    return lines[0]
-
-
-def no_runs(store: Path) -> None:
-    assert not (store / "runs").exists() or not any((store / "runs").iterdir())
 
 
 def bomb(depth: int) -> str:
@@ -51,7 +40,7 @@ def test_yaml_alias_bomb_is_refused_at_once(tunectl, store, tmp_path, where):
     else:
         args = ("recipes", "show", "ruozhiba-tiny", "--set", "lora.loftq_config={a: &a [1, 1], b: [*a, *a]}")
     proc = tunectl(*args, timeout=120)  # the old loader expanded it until it ran out of memory
-    assert "YAML aliases (*a" in one_line(proc) and "are not supported" in proc.stderr
+    assert "YAML aliases (*a" in one_line_error(proc) and "are not supported" in proc.stderr
     no_runs(store)
 
 
@@ -60,13 +49,13 @@ def test_a_huge_recipe_file_is_refused_without_reading_it(tunectl, tmp_path):
     with path.open("w") as f:
         f.write("name: huge\n")
         f.truncate(64 << 20)
-    assert "larger than 1024 KiB" in one_line(tunectl("recipes", "show", str(path)))
+    assert "larger than 1024 KiB" in one_line_error(tunectl("recipes", "show", str(path)))
 
 
 def test_a_recipe_in_another_encoding_is_one_line(tunectl, tmp_path):
     path = tmp_path / "utf16.yaml"
     path.write_bytes("extends: ruozhiba-tiny\nname: utf16\n".encode("utf-16"))
-    assert "not UTF-8 text" in one_line(tunectl("recipes", "show", str(path)))
+    assert "not UTF-8 text" in one_line_error(tunectl("recipes", "show", str(path)))
 
 
 @pytest.mark.parametrize(
@@ -89,7 +78,7 @@ def test_a_recipe_in_another_encoding_is_one_line(tunectl, tmp_path):
 )
 def test_prompt_template_allows_exactly_three_plain_fields(tunectl, store, template, expected):
     proc = tunectl("submit", "ruozhiba-tiny", "--set", f"data.prompt_template={template}")
-    line = one_line(proc)
+    line = one_line_error(proc)
     assert "'data.prompt_template'" in line and expected in line, line
     no_runs(store)
 
@@ -210,7 +199,7 @@ def test_set_with_a_mapping_merges_into_the_section(tunectl):
     ],
 )
 def test_numbers_are_bounded_and_never_coerced_from_booleans(tunectl, store, override, expected):
-    line = one_line(tunectl("submit", "ruozhiba-tiny", "--set", override))
+    line = one_line_error(tunectl("submit", "ruozhiba-tiny", "--set", override))
     assert expected in line, line
     no_runs(store)
 
@@ -218,7 +207,7 @@ def test_numbers_are_bounded_and_never_coerced_from_booleans(tunectl, store, ove
 def test_a_builtin_name_cannot_reach_outside_the_recipes_directory(tunectl, tmp_path):
     # With no such path here, the old lookup joined it onto the built-in directory and loaded the file there.
     proc = tunectl("recipes", "show", "../recipes/ruozhiba-tiny")
-    assert "unknown recipe '../recipes/ruozhiba-tiny'" in one_line(proc)
+    assert "unknown recipe '../recipes/ruozhiba-tiny'" in one_line_error(proc)
 
 
 @pytest.mark.parametrize(
@@ -227,6 +216,6 @@ def test_a_builtin_name_cannot_reach_outside_the_recipes_directory(tunectl, tmp_
 )
 def test_a_package_reference_stays_inside_its_package(tunectl, store, ref):
     """On a cluster a package: reference is a file in the image: it must not climb out to other files there."""
-    line = one_line(tunectl("submit", "ruozhiba-tiny", "--set", f"data.source={ref}"))
+    line = one_line_error(tunectl("submit", "ruozhiba-tiny", "--set", f"data.source={ref}"))
     assert "expected package:<module>/<file inside it>" in line, line
     no_runs(store)
