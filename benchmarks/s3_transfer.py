@@ -42,7 +42,8 @@ def main() -> int:
     try:
         os.environ.update(server.env())
         os.environ["TUNECTL_CACHE"] = str(work / "cache")
-        from tunectl.store import open_store, sha256_file
+        from tunectl.stores import open_store
+        from tunectl.stores.manifest import sha256_file
 
         src = work / "src"
         src.mkdir()

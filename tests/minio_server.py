@@ -11,8 +11,20 @@ import time
 import urllib.request
 from pathlib import Path
 
-MINIO_VERSION = "v0.0.0-20260212201848-7aac2a2c5b7c"
-MC_VERSION = "v0.0.0-20250313080218-cf909e1063a9"
+VERSIONS_ENV = Path(__file__).resolve().parents[1] / "versions.env"
+
+
+def pinned(key: str) -> str:
+    """A version from versions.env (KEY=VALUE lines), the file the Makefile builds the tools from."""
+    for line in VERSIONS_ENV.read_text().splitlines():
+        name, sep, value = line.strip().partition("=")
+        if sep and name == key and not name.startswith("#"):
+            return value
+    raise KeyError(f"{key} is not in {VERSIONS_ENV}")
+
+
+MINIO_VERSION = pinned("MINIO_VERSION")
+MC_VERSION = pinned("MC_VERSION")
 
 
 def tool_path(name: str, version: str) -> Path:

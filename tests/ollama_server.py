@@ -11,17 +11,22 @@ import time
 import urllib.request
 from pathlib import Path
 
-from minio_server import free_port
+from minio_server import free_port, pinned
+
+OLLAMA_VERSION = pinned("OLLAMA_VERSION")
 
 
 def ollama_binary() -> str | None:
-    """TUNECTL_TEST_OLLAMA (set by `make test`; must exist then), else `ollama` on PATH."""
+    """TUNECTL_TEST_OLLAMA (set by `make test-slow`; must exist then), else the pinned build where the Makefile puts
+    it (TUNECTL_TOOLS), else `ollama` on PATH."""
     given = os.environ.get("TUNECTL_TEST_OLLAMA")
     if given:
         if not Path(given).is_file():
             raise FileNotFoundError(f"TUNECTL_TEST_OLLAMA={given} does not exist: run tests/ollama/build.sh")
         return given
-    return shutil.which("ollama")
+    tools = Path(os.environ.get("TUNECTL_TOOLS") or Path.home() / ".cache" / "tunectl" / "bin")
+    built = tools / f"ollama-{OLLAMA_VERSION}" / "bin" / "ollama"
+    return str(built) if built.is_file() else shutil.which("ollama")
 
 
 class OllamaServer:

@@ -14,6 +14,8 @@ from tunectl.errors import ConfigError
 from tunectl.recipe import load_recipe
 from tunectl.render import chart_dir, helm_binary, render
 
+pytestmark = pytest.mark.helm
+
 STORE = "s3://tunectl-artifacts/team-a"
 RUN = "ruozhiba-tiny-20261127-120000-abcd"
 

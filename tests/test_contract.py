@@ -13,6 +13,8 @@ from tunectl.contract import ContractError, chat_template, check_model_dir
 from tunectl.ollama import modelfile
 from tunectl.recipe import load_recipe
 
+pytestmark = pytest.mark.ml
+
 pytest.importorskip("transformers")
 
 RECIPE = load_recipe("ruozhiba-tiny")

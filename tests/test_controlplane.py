@@ -22,6 +22,8 @@ from cluster.wait import wait_for
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+pytestmark = pytest.mark.cluster
+
 JOB_NAME_LABEL = "batch.kubernetes.io/job-name"
 
 

@@ -10,6 +10,8 @@ import pytest
 from tunectl.errors import ConfigError
 from tunectl.recipe import load_recipe
 
+pytestmark = pytest.mark.ml
+
 datasets = pytest.importorskip("datasets")
 
 ROWS = [

@@ -21,9 +21,9 @@ from typing import NamedTuple
 import pytest
 
 from tunectl.recipe import load_recipe
-from tunectl.store import sha256_file
+from tunectl.stores.manifest import sha256_file
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.train]
 
 
 def _verified(stage_dir: Path) -> dict:

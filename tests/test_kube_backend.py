@@ -24,7 +24,7 @@ from conftest import docker_engine
 from tunectl.errors import EXIT_CONFIG_ERROR
 from tunectl.kube import Cluster, KubernetesBackend
 
-pytestmark = pytest.mark.cluster
+pytestmark = [pytest.mark.cluster, pytest.mark.helm]
 
 
 @dataclass
@@ -65,7 +65,7 @@ class Kube:
             pytest.skip("drives pod exits through kwok; a real cluster runs the images instead")
 
     def status(self, run: str) -> dict[str, Any]:
-        return self.backend().status(run)
+        return self.backend().status(run).to_dict()
 
     def stages(self, run: str) -> dict[str, dict[str, Any]]:
         return {s["stage"]: s for s in self.status(run)["stages"]}
@@ -122,6 +122,7 @@ def test_render_needs_no_cluster(kube):
 
 
 @pytest.mark.e2e
+@pytest.mark.train
 def test_pipeline_runs_in_order_on_the_cluster(kube, bucket, request):
     """The tiny recipe, every stage's real program: train, then merge, then gguf, each released by the
     in-cluster reconciler (run as its own ServiceAccount) when the upstream manifest is in MinIO. Where a Docker
@@ -132,7 +133,7 @@ def test_pipeline_runs_in_order_on_the_cluster(kube, bucket, request):
     kube.needs_kwok()
     if docker_engine():
         kube.docker = request.getfixturevalue("images").docker
-    from tunectl.store import open_store
+    from tunectl.stores import open_store
 
     with kube.runner() as runner:
         run = kube.submit()
@@ -282,7 +283,7 @@ def test_image_pull_errors_and_oom_are_reported(kube):
 
 
 def test_cancel_leaves_no_jobs_or_pods_and_keeps_artifacts(kube):
-    from tunectl.store import open_store
+    from tunectl.stores import open_store
 
     with kube.runner(train="publish", merge="hold", reconciler=RUN):
         run = kube.submit()

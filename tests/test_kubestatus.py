@@ -2,8 +2,16 @@
 
 from __future__ import annotations
 
-from tunectl.kubestatus import run_state, stage_status
+from tunectl import kubestatus, runmodel
 from tunectl.reconcile import finished, plan, release_patch
+
+
+def stage_status(*args):
+    return kubestatus.stage_status(*args).to_dict()
+
+
+def run_state(stages):
+    return runmodel.run_state(s["state"] for s in stages)
 
 
 def job(name="r-train", *, suspend=False, conditions=(), annotations=None, **status):

@@ -11,6 +11,7 @@ from tunectl_jobs import llamabuild, llamacpp, llamarun
 from tunectl_jobs.models import cache_dir
 
 
+@pytest.mark.ml
 def test_the_installed_llama_cpp_is_portable():
     """The venv's llama.cpp chooses its CPU code at run time: variant libraries for each x86-64 level, none with
     AMX, the one chosen named; the libraries every CPU loads carry no AVX at all, the x64 variant neither, and the
@@ -35,6 +36,7 @@ def test_the_installed_llama_cpp_is_portable():
     assert registers("libggml-cpu-haswell.so") == {"%ymm"}
 
 
+@pytest.mark.ml
 def test_the_converter_is_fetched_offline_from_the_kept_sdist(tmp_path, monkeypatch):
     """What an air-gapped image build does: the converter from a local sdist file or wheelhouse, no index."""
     kept = cache_dir() / "wheels" / "sdist"

@@ -9,7 +9,8 @@ import pytest
 
 from tunectl.errors import TunectlError
 from tunectl.pull import plan, pull
-from tunectl.store import LocalStore, sha256_file
+from tunectl.stores import LocalStore
+from tunectl.stores.manifest import sha256_file
 
 
 @pytest.fixture

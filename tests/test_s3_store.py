@@ -12,10 +12,11 @@ import pytest
 
 pytest.importorskip("boto3")
 
-from tunectl import s3store  # noqa: E402
 from tunectl.errors import ArtifactError, TunectlError  # noqa: E402
-from tunectl.s3store import S3Store  # noqa: E402
-from tunectl.store import open_store, sha256_file  # noqa: E402
+from tunectl.stores import open_store  # noqa: E402
+from tunectl.stores import s3 as s3store  # noqa: E402
+from tunectl.stores.manifest import sha256_file  # noqa: E402
+from tunectl.stores.s3 import S3Store  # noqa: E402
 
 
 @pytest.fixture

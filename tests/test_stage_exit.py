@@ -18,9 +18,15 @@ from pathlib import Path
 
 import pytest
 
-from tunectl.kubestatus import error_line, stage_status
+from tunectl import kubestatus
+from tunectl.kubestatus import termination_error as error_line
 from tunectl.stageexit import STATUS_ENV, describe, read_status_file
 from tunectl_jobs import llamarun
+
+
+def stage_status(*args):
+    return kubestatus.stage_status(*args).to_dict()
+
 
 CRASH_CHILD = """
 import os, signal, sys
@@ -125,12 +131,13 @@ def test_llama_cpp_child_that_crashes_is_reported_and_does_not_take_the_caller_d
 
 
 @pytest.mark.e2e
+@pytest.mark.train
 def test_local_backend_names_a_stage_killed_in_a_phase(tmp_path):
     """A real train stage of the local backend, sent SIGSEGV while it loads its model, fails the run with the
     signal and the phase; the stages after it are skipped; `status` says the same."""
     from tunectl.local import LocalBackend, StageFailed
     from tunectl.recipe import load_recipe
-    from tunectl.store import open_store
+    from tunectl.stores import open_store
 
     backend = LocalBackend(open_store(str(tmp_path / "store")))
     run = backend.create(load_recipe("ruozhiba-tiny"))
@@ -159,7 +166,7 @@ def test_local_backend_names_a_stage_killed_in_a_phase(tmp_path):
         f"stage train of run {run} failed: killed by SIGSEGV during '{doc['phase']}' (native code crashed)" in message
     )
     assert f"tunectl logs {run} --stage train" in message
-    status = backend.status(run)
+    status = backend.status(run).to_dict()
     train, *rest = status["stages"]
     assert train["state"] == "failed" and train["exit_code"] == -11
     assert train["error"].startswith(f"killed by SIGSEGV during '{doc['phase']}'")
@@ -201,6 +208,7 @@ def _gone(pid: int, within: float) -> bool:
 
 
 @pytest.mark.e2e
+@pytest.mark.train
 def test_kill_9_of_submit_takes_its_stage_down_and_nothing_is_published_after(tmp_path):
     submit, run_dir, doc = _submit_until_training(tmp_path)
     submit.kill()
@@ -230,6 +238,7 @@ def test_kill_9_of_submit_takes_its_stage_down_and_nothing_is_published_after(tm
 
 
 @pytest.mark.e2e
+@pytest.mark.train
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_ctrl_c_or_sigterm_of_submit_stops_the_stage_before_the_run_is_marked_cancelled(tmp_path, sig):
     submit, run_dir, doc = _submit_until_training(tmp_path)

@@ -1,14 +1,15 @@
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
 
 from tunectl.errors import ArtifactError
 from tunectl.runid import is_run_id, new_run_id
-from tunectl.store import LocalStore, safe_key, sha256_file
+from tunectl.stores import LocalStore
+from tunectl.stores.manifest import safe_key, sha256_file
 
 
 def _stage_files(d: Path) -> None:
@@ -72,7 +73,7 @@ def test_unsafe_keys_are_refused(key):
 
 
 def test_run_ids_are_dns_labels():
-    t = datetime(2026, 11, 27, 20, 1, 2, tzinfo=timezone.utc)
+    t = datetime(2026, 11, 27, 20, 1, 2, tzinfo=UTC)
     rid = new_run_id("ruozhiba-tiny", t)
     assert rid.startswith("ruozhiba-tiny-20261127-200102-") and is_run_id(rid)
     long = new_run_id("x" * 80 + "_Weird.Name", t)
@@ -101,7 +102,7 @@ def test_writes_replace_a_link_at_the_name_and_leave_no_temp_files(tmp_path: Pat
 
 @pytest.mark.parametrize(("data", "why"), [(b'{"a": ', "not valid JSON"), (b"[]", "a JSON list, not an object")])
 def test_a_corrupt_document_is_an_error_naming_the_file(tmp_path: Path, data, why):
-    from tunectl.store import CorruptDocument
+    from tunectl.stores import CorruptDocument
 
     store = LocalStore(tmp_path / "s")
     store.write_json("runs/r1/run.json", {"run": "r1"})
@@ -113,7 +114,7 @@ def test_a_corrupt_document_is_an_error_naming_the_file(tmp_path: Path, data, wh
 
 def test_credentials_in_an_s3_store_uri_are_refused_without_being_repeated():
     from tunectl.errors import ConfigError
-    from tunectl.store import open_store
+    from tunectl.stores import open_store
 
     with pytest.raises(ConfigError) as e:
         open_store("s3://AKIAEXAMPLE:s3cr3t@bucket/prefix")

@@ -1,4 +1,5 @@
-"""The `tunectl` command line. Heavy libraries are never imported here, so every command starts instantly."""
+"""The `tunectl` command line: it parses options, calls a backend (backend.py) and prints the run model's records
+(runmodel.py). Heavy libraries are never imported here, so every command starts instantly."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +15,7 @@ import click
 from click.exceptions import NoArgsIsHelpError
 
 from . import __version__
+from .backend import CHOICES, KUBERNETES, LOCAL, Backend, SubmitRequest, order
 from .errors import (
     EXIT_CONFIG_ERROR,
     EXIT_ENVIRONMENT,
@@ -24,9 +27,23 @@ from .errors import (
     redact,
 )
 from .recipe import builtin_names, load_recipe
-from .store import default_store_uri, open_store
+from .runmodel import STAGES, RunState, RunStatus, StageStatus, format_error
+from .stores import default_store_uri, open_store
 
 _SET_HELP = "override a recipe field, e.g. --set training.max_steps=30 (repeatable)"
+
+_AUTO_RULE = """\b
+--backend auto (the default) decides where runs are:
+  submit             kubernetes when a kubeconfig is configured (KUBECONFIG, ~/.kube/config
+                     or in a pod) and the store is s3://; otherwise local
+  status/logs/cancel the local store first, then the cluster (when a kubeconfig is configured)
+  list               the local store, plus the cluster's namespace when a kubeconfig is
+                     configured and it answers within TUNECTL_KUBE_TIMEOUT (default 10s)
+--backend local or kubernetes uses that one alone.
+
+\b
+--store, --backend, --context and --namespace may come before or after the command
+(after wins): tunectl submit ruozhiba --store s3://bucket/runs"""
 
 
 class _Group(click.Group):
@@ -49,77 +66,129 @@ class _Group(click.Group):
 
 def _fail(message: str, code: int) -> None:
     # One line, whatever a library put in its message, and no credentials from any URL in it.
-    line = redact(" ".join(message.split()))
-    click.echo(f"error: {line}", err=True)
+    click.echo(redact(format_error(message)), err=True)
     sys.exit(code)
 
 
-@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+# -- the options every run command takes, before or after its name ---------------------------------------------
+
+_STORE_HELP = f"artifact store: a directory or s3://BUCKET[/PREFIX] [env TUNECTL_STORE; default {default_store_uri()}]"
+_BACKEND_HELP = "where runs are: auto, local or kubernetes (auto: see `tunectl --help`) [env TUNECTL_BACKEND]"
+_SHARED: dict[str, tuple[tuple[str, ...], dict[str, Any]]] = {
+    "store": (("--store",), {"metavar": "URI", "help": _STORE_HELP}),
+    "backend": (("--backend",), {"type": click.Choice(CHOICES), "help": _BACKEND_HELP}),
+    "context": (("--context",), {"help": "kubeconfig context [env TUNECTL_CONTEXT]"}),
+    "namespace": (("--namespace", "-n"), {"help": "Kubernetes namespace [env TUNECTL_NAMESPACE]"}),
+}
+
+
+@dataclass(frozen=True)
+class Options:
+    store: str | None
+    backend: str
+    context: str | None
+    namespace: str | None
+
+    @property
+    def store_uri(self) -> str:
+        return self.store or default_store_uri()
+
+
+def _override(ctx: click.Context, param: click.Parameter, value: Any) -> Any:
+    """A shared option given after the command replaces the one given before it (or its environment variable)."""
+    if value is not None:
+        ctx.ensure_object(dict)[param.name] = value
+    return value
+
+
+def shared(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The shared options `names`, accepted after the command too (the value lands in ctx.obj; see `_opts`)."""
+
+    def decorate(f: Callable[..., Any]) -> Callable[..., Any]:
+        for name in reversed(names):
+            decls, kw = _SHARED[name]
+            f = click.option(*decls, name, default=None, expose_value=False, callback=_override, **kw)(f)
+        return f
+
+    return decorate
+
+
+def _opts(ctx: click.Context) -> Options:
+    obj = ctx.ensure_object(dict)
+    return Options(obj.get("store"), obj.get("backend") or "auto", obj.get("context"), obj.get("namespace"))
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]}, epilog=_AUTO_RULE)
 @click.version_option(__version__, prog_name="tunectl")
+@click.option("--store", envvar="TUNECTL_STORE", default=None, metavar="URI", help=_STORE_HELP)
 @click.option(
-    "--store",
-    envvar="TUNECTL_STORE",
-    default=None,
-    metavar="URI",
-    help=f"artifact store: a directory or s3://BUCKET[/PREFIX] [env TUNECTL_STORE; default {default_store_uri()}]",
+    "--backend",
+    envvar="TUNECTL_BACKEND",
+    type=click.Choice(CHOICES),
+    default="auto",
+    show_default=True,
+    help="where runs are (see below) [env TUNECTL_BACKEND]",
+)
+@click.option("--context", envvar="TUNECTL_CONTEXT", default=None, help="kubeconfig context [env TUNECTL_CONTEXT]")
+@click.option(
+    "--namespace", "-n", envvar="TUNECTL_NAMESPACE", default=None, help="Kubernetes namespace [env TUNECTL_NAMESPACE]"
 )
 @click.pass_context
-def cli(ctx: click.Context, store: str | None) -> None:
+def cli(ctx: click.Context, store: str | None, backend: str, context: str | None, namespace: str | None) -> None:
     """Fine-tune an LLM with LoRA, export it and convert it to GGUF, as a pipeline of stages."""
-    ctx.obj = {"store": store}
+    ctx.obj = {"store": store, "backend": backend, "context": context, "namespace": namespace}
 
 
-def _backend(ctx: click.Context):  # -> LocalBackend
+# -- backends ---------------------------------------------------------------------------------------------------
+
+
+def _local(o: Options) -> Backend:
     from .local import LocalBackend
 
-    return LocalBackend(open_store(ctx.obj["store"]))
+    return LocalBackend(open_store(o.store))
 
 
-def _kube(ctx: click.Context, context: str | None, namespace: str | None):  # -> KubernetesBackend
+def _kubernetes(o: Options) -> Backend:
     from .kube import Cluster, KubernetesBackend
 
-    return KubernetesBackend(Cluster(context, namespace), ctx.obj["store"] or default_store_uri())
+    return KubernetesBackend(Cluster(o.context, o.namespace), o.store_uri)
 
 
-def _which(backend: str) -> str:
-    if backend != "auto":
-        return backend
+_OPEN: dict[str, Callable[[Options], Backend]] = {LOCAL: _local, KUBERNETES: _kubernetes}
+
+
+def _order(o: Options, command: str) -> tuple[str, ...]:
     from .kube import kubeconfig_present
 
-    return "kubernetes" if kubeconfig_present() else "local"
+    return order(o.backend, command, kubeconfig_present(), o.store_uri)
 
 
-def cluster_options(f):
-    """--backend, --context and --namespace, shared by every command that finds runs."""
-    f = click.option("--namespace", "-n", envvar="TUNECTL_NAMESPACE", default=None, help="Kubernetes namespace")(f)
-    f = click.option("--context", envvar="TUNECTL_CONTEXT", default=None, help="kubeconfig context")(f)
-    return click.option(
-        "--backend",
-        envvar="TUNECTL_BACKEND",
-        type=click.Choice(["auto", "local", "kubernetes"]),
-        default="auto",
-        show_default=True,
-        help="where runs live; auto = kubernetes when a kubeconfig is configured, else local [env TUNECTL_BACKEND]",
-    )(f)
-
-
-def _find(ctx: click.Context, run: str, backend: str, context: str | None, namespace: str | None):
-    """The backend that holds RUN: the chosen one, or with auto the cluster, then the local store."""
-    chosen = _which(backend)
-    if chosen == "local":
-        return _backend(ctx)
-    be = _kube(ctx, context, namespace)
-    if backend == "auto":
+def _holding(o: Options, run: str) -> Backend:
+    """The backend that holds RUN (the --backend auto rule for a command naming a run: backend.py)."""
+    names = _order(o, "run")
+    if len(names) == 1:
+        return _OPEN[names[0]](o)  # its own "no run" error names where it looked
+    looked: list[str] = []
+    store_error: TunectlError | None = None
+    for name in names:
         try:
-            be.run_record(run)  # one read: is it there? (the caller then asks for what it needs)
-        except TunectlError as cluster_error:
-            local = _backend(ctx)
-            try:
-                local.run_record(run)
-            except TunectlError:
-                raise cluster_error from None
-            return local
-    return be
+            be = _OPEN[name](o)
+            if be.has(run):
+                return be
+            looked.append(be.describe())
+        except TunectlError as e:
+            if name == LOCAL:
+                store_error = e  # the store cannot be read: the cluster may still hold the run
+                continue
+            if store_error:
+                raise store_error from None
+            why = getattr(e, "why", str(e))  # kube.Unreachable: the reason alone
+            raise TunectlError(
+                f"no run '{run}' in {' or '.join(looked)}, and the cluster could not be asked: {why}"
+            ) from None
+    if store_error:
+        raise store_error
+    raise TunectlError(f"no run '{run}' in {' or in '.join(looked)}")
 
 
 def _run_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
@@ -133,6 +202,11 @@ def _run_id(ctx: click.Context, param: click.Parameter, value: str) -> str:
 
 def _emit_json(doc: Any) -> None:
     click.echo(json.dumps(doc, indent=2, ensure_ascii=False))
+
+
+def _to_stderr(text: str) -> None:
+    sys.stderr.write(text)
+    sys.stderr.flush()
 
 
 # -- recipes -------------------------------------------------------------------------------------------
@@ -161,15 +235,18 @@ def recipes_show(recipe: str, overrides: tuple[str, ...]) -> None:
 
 _VALUES_HELP = "chart values file for Kubernetes runs (repeatable)"
 _HELM_SET_HELP = "override a chart value, e.g. --helm-set stages.train.gpus=2 (repeatable)"
+_STAGE = click.Choice(list(STAGES))
 
 
 @cli.command()
 @click.argument("recipe")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
-@cluster_options
+@shared("store", "backend", "context", "namespace")
 @click.option("--values", "-f", "values", multiple=True, type=click.Path(path_type=Path), help=_VALUES_HELP)
 @click.option("--helm-set", "helm_sets", multiple=True, metavar="KEY=VALUE", help=_HELM_SET_HELP)
-@click.option("--run", "run_id", default=None, help="run id (Kubernetes: submitting the same id again is a no-op)")
+@click.option(
+    "--run", "run_id", default=None, help="run id [default: a new one]; Kubernetes: the same id again is a no-op"
+)
 @click.option(
     "--wait", is_flag=True, help="Kubernetes: follow the run to its end, releasing stages like the reconciler"
 )
@@ -180,9 +257,6 @@ def submit(
     ctx: click.Context,
     recipe: str,
     overrides: tuple[str, ...],
-    backend: str,
-    context: str | None,
-    namespace: str | None,
     values: tuple[Path, ...],
     helm_sets: tuple[str, ...],
     run_id: str | None,
@@ -190,40 +264,31 @@ def submit(
     poll_seconds: float,
     quiet: bool,
 ) -> None:
-    """Run RECIPE's pipeline: train -> merge -> gguf, here (local) or as Kubernetes Jobs."""
-    r = load_recipe(recipe, list(overrides))
-    if _which(backend) == "kubernetes":
-        from .kube import echo_stderr
+    """Run RECIPE's pipeline: train -> merge -> gguf, here (local) or as Kubernetes Jobs.
 
-        be = _kube(ctx, context, namespace)
-        run, docs = be.render(r, run_id, values, helm_sets)
-        stages = " -> ".join(
-            d["metadata"]["labels"]["tunectl.dev/stage"]
-            for d in docs[::-1]
-            if d["kind"] == "Job" and "tunectl.dev/stage" in d["metadata"]["labels"]
-        )
-        new = be.submit(run, docs, echo_stderr)
-        where = f"namespace {be.namespace} (context {be.cluster.context})"
-        click.echo(f"run {run} {'submitted to' if new else 'already exists in'} {where}: {stages}", err=True)
-        click.echo(run)
-        if wait:
-            be.wait(run, poll_seconds, echo_stderr)
-            s = be.status(run)
-            _print_status(s)
-            if s["state"] != "succeeded":
-                sys.exit(1)
+    Prints the run id; a local run (and a Kubernetes one with --wait) then runs to its end and its status
+    is printed; the exit code is 1 unless it succeeded."""
+    o = _opts(ctx)
+    r = load_recipe(recipe, list(overrides))
+    be = _OPEN[_order(o, "submit")[0]](o)
+    sub = be.submit(SubmitRequest(r, run_id, values, helm_sets), _to_stderr)
+    verb = "submitted to" if sub.created else "already exists in"
+    click.echo(f"run {sub.run}: stages {' -> '.join(sub.stages)}; {verb} {be.describe()}", err=True)
+    click.echo(sub.run)
+    if not (wait or be.runs_here):
         return
-    if values or helm_sets or wait or run_id:
-        raise ConfigError("--values, --helm-set, --run and --wait are for Kubernetes runs (--backend kubernetes)")
-    be = _backend(ctx)
-    run = be.create(r)
-    click.echo(f"run {run}: stages {' -> '.join(be.run_record(run)['stages'])}, store {be.store.uri}", err=True)
     try:
-        be.execute(run, echo=None if quiet else sys.stderr)
+        s = be.wait(sub.run, None if quiet else _to_stderr, poll_seconds)
     except KeyboardInterrupt:
-        click.echo(f"\nrun {run} cancelled", err=True)
+        if be.runs_here:
+            click.echo(f"\nrun {sub.run} cancelled", err=True)
+        else:
+            click.echo(f"\nstopped following run {sub.run}; it goes on (tunectl cancel {sub.run} stops it)", err=True)
         sys.exit(130)
-    _print_status(be.status(run))
+    _print_status(s)
+    failure = s.failure()
+    if failure:
+        raise TunectlError(failure)
 
 
 @cli.command()
@@ -231,7 +296,7 @@ def submit(
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)
 @click.option("--values", "-f", "values", multiple=True, type=click.Path(path_type=Path), help=_VALUES_HELP)
 @click.option("--helm-set", "helm_sets", multiple=True, metavar="KEY=VALUE", help=_HELM_SET_HELP)
-@click.option("--namespace", "-n", default="default", show_default=True)
+@shared("store", "namespace")
 @click.option("--run", "run_id", default=None, help="run id [default: a new one]")
 @click.pass_context
 def render(
@@ -240,77 +305,82 @@ def render(
     overrides: tuple[str, ...],
     values: tuple[Path, ...],
     helm_sets: tuple[str, ...],
-    namespace: str,
     run_id: str | None,
 ) -> None:
-    """Print the Kubernetes objects a run of RECIPE would create (no cluster needed)."""
+    """Print the Kubernetes objects a run of RECIPE would create (no cluster needed; namespace default "default")."""
     from .render import render_run, to_yaml
 
-    store = ctx.obj["store"] or default_store_uri()
-    _, docs = render_run(load_recipe(recipe, list(overrides)), store, namespace, run_id, values, helm_sets)
+    o = _opts(ctx)
+    r = load_recipe(recipe, list(overrides))
+    namespace = "default" if o.namespace is None else o.namespace
+    _, docs = render_run(r, o.store_uri, namespace, run_id, values, helm_sets)
     click.echo(to_yaml(docs), nl=False)
 
 
 @cli.command()
 @click.argument("run", callback=_run_id)
-@click.option("--namespace", "-n", envvar="TUNECTL_NAMESPACE", default=None)
-@click.option("--context", envvar="TUNECTL_CONTEXT", default=None)
+@shared("context", "namespace")
 @click.option("--poll-seconds", default=15.0, show_default=True, help="how often to check the store while waiting")
 @click.option("--timeout", default=None, type=float, help="give up after this many seconds")
-def reconcile(run: str, namespace: str | None, context: str | None, poll_seconds: float, timeout: float | None) -> None:
+@click.pass_context
+def reconcile(ctx: click.Context, run: str, poll_seconds: float, timeout: float | None) -> None:
     """Release RUN's waiting stages as their upstream manifests complete (what the in-cluster reconciler runs)."""
     import resource
 
-    from .kube import Cluster, echo_stderr
+    from .kube import Cluster, api_call, timestamped
     from .reconcile import Reconciler
 
-    cluster = Cluster(context, namespace)
-    r = Reconciler(cluster.batch, cluster.namespace, run, poll_seconds=poll_seconds, echo=echo_stderr)
-    try:
+    o = _opts(ctx)
+    cluster = Cluster(o.context, o.namespace)
+    echo = timestamped(_to_stderr)
+    r = Reconciler(cluster.batch, cluster.namespace, run, poll_seconds=poll_seconds, echo=echo, call=api_call)
+    with cluster.failures(f"reconciling {run}"):  # one line, then exit 1: the Job starts a new pod
         states = r.run_until_done(timeout)
-    except TimeoutError as e:
-        raise TunectlError(str(e)) from None
-    except Exception as e:  # noqa: BLE001 - API failures become one line; the Job restarts us
-        from kubernetes.client.exceptions import ApiException
-
-        if isinstance(e, ApiException):
-            raise cluster.explain(e, f"reconciling {run}") from None
-        raise
     usage = resource.getrusage(resource.RUSAGE_SELF)
     summary = ", ".join(f"{k} {v}" for k, v in states.items())
-    echo_stderr(
-        f"run {run} finished ({summary}); {r.requests} API requests, cpu {usage.ru_utime + usage.ru_stime:.2f}s"
-    )
+    echo(f"run {run} finished ({summary}); {r.requests} API requests, cpu {usage.ru_utime + usage.ru_stime:.2f}s")
+
+
+_LIST_FIELDS = ("run", "recipe", "state", "created", "backend", "store", "namespace", "context")
 
 
 @cli.command("list")
-@cluster_options
+@shared("store", "backend", "context", "namespace")
 @click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table")
 @click.pass_context
-def list_runs(ctx: click.Context, backend: str, context: str | None, namespace: str | None, output: str) -> None:
-    """List runs (in the store, or in the cluster's namespace), oldest first."""
-    if _which(backend) == "kubernetes":
-        kb = _kube(ctx, context, namespace)
-        rows, where = kb.list_runs(), f"namespace {kb.namespace}"
-    else:
-        be = _backend(ctx)
-        rows, where = be.list_status(), be.store.uri
+def list_runs(ctx: click.Context, output: str) -> None:
+    """List runs, oldest first per backend: the store's (local), the cluster namespace's (kubernetes), or with
+    --backend auto both where a kubeconfig is configured (see `tunectl --help`). The BACKEND column (json:
+    "backend") says where each run is; stderr says what was listed."""
+    o = _opts(ctx)
+    rows: list[RunStatus] = []
+    listed: list[Backend] = []
+    for i, name in enumerate(_order(o, "list")):
+        try:
+            be = _OPEN[name](o)
+            rows += be.list_runs()
+            listed.append(be)
+        except TunectlError as e:
+            if o.backend != "auto" or i == 0:
+                raise
+            click.echo(f"note: {name} runs not listed: {e}", err=True)
+    click.echo("listed " + "; ".join(f"{be.name}: {be.describe()}" for be in listed), err=True)
     if output == "json":
-        _emit_json([{k: s[k] for k in ("run", "recipe", "state", "created", "backend")} for s in rows])
+        _emit_json([{k: v for k, v in s.to_dict().items() if k in _LIST_FIELDS} for s in rows])
         return
     if not rows:
-        click.echo(f"no runs in {where}")
+        click.echo(f"no runs in {' or '.join(be.describe() for be in listed)}")
         return
     click.echo(f"{'RUN':<40} {'STATE':<11} {'CREATED':<26} BACKEND")
     for s in rows:
-        click.echo(f"{s['run']:<40} {s['state']:<11} {s['created']:<26} {s['backend']}")
+        click.echo(f"{s.run:<40} {s.state:<11} {s.created:<26} {s.backend}")
     for s in rows:
-        if s["state"] == "unknown" and s.get("reason"):
-            click.echo(f"note: run {s['run']}: {s['reason']}", err=True)
+        if s.state == RunState.UNKNOWN and s.reason:
+            click.echo(f"note: run {s.run}: {s.reason}", err=True)
 
 
-def _metric_summary(stage: dict[str, Any]) -> str:
-    m = stage.get("metrics") or {}
+def _metric_summary(stage: StageStatus) -> str:
+    m = stage.metrics or {}
     parts = []
     if m.get("final_loss") is not None:
         parts.append(f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f} in {m['steps']} steps ({m['backend']})")
@@ -322,86 +392,65 @@ def _metric_summary(stage: dict[str, Any]) -> str:
         )
     if m.get("cpu_variant"):
         parts.append(f"llama.cpp CPU variant {m['cpu_variant']}")
-    if stage.get("error"):
-        parts.append(stage["error"])
-    if stage.get("reason"):
-        parts.append(stage["reason"])
+    if stage.error:
+        parts.append(stage.error)
+    if stage.reason:
+        parts.append(stage.reason)
     return "; ".join(parts)
 
 
-def _print_status(s: dict[str, Any]) -> None:
-    where = f", namespace {s['namespace']}" if "namespace" in s else ""
-    click.echo(f"run {s['run']} ({s['recipe']}, {s['backend']}{where}): {s['state']}")
+def _print_status(s: RunStatus) -> None:
+    where = f", namespace {s.namespace}" if s.namespace else ""
+    click.echo(f"run {s.run} ({s.recipe}, {s.backend}{where}): {s.state}")
     click.echo(f"{'STAGE':<7} {'STATE':<11} {'SECONDS':>8}  DETAILS")
-    for st in s["stages"]:
-        secs = f"{st['seconds']:.1f}" if "seconds" in st else "-"
-        click.echo(f"{st['stage']:<7} {st['state']:<11} {secs:>8}  {_metric_summary(st)}")
-    for st in s["stages"]:
-        for note in st.get("notes") or []:
-            click.echo(f"note ({st['stage']}): {note}")
-    click.echo(f"artifacts: {s['path']}")
+    for st in s.stages:
+        secs = f"{st.seconds:.1f}" if st.seconds is not None else "-"
+        click.echo(f"{st.stage:<7} {st.state:<11} {secs:>8}  {_metric_summary(st)}")
+    for st in s.stages:
+        for note in st.notes or []:
+            click.echo(f"note ({st.stage}): {note}")
+    click.echo(f"artifacts: {s.path}")
 
 
 @cli.command()
 @click.argument("run", callback=_run_id)
-@cluster_options
+@shared("store", "backend", "context", "namespace")
 @click.option("--output", "-o", type=click.Choice(["table", "json"]), default="table")
 @click.pass_context
-def status(ctx: click.Context, run: str, backend: str, context: str | None, namespace: str | None, output: str) -> None:
+def status(ctx: click.Context, run: str, output: str) -> None:
     """Show RUN's stages: state, reason, timings and key metrics."""
-    s = _find(ctx, run, backend, context, namespace).status(run)
+    s = _holding(_opts(ctx), run).status(run)
     if output == "json":
-        _emit_json(s)
+        _emit_json(s.to_dict())
     else:
         _print_status(s)
 
 
 @cli.command()
 @click.argument("run", callback=_run_id)
-@click.option("--stage", type=click.Choice(["train", "merge", "gguf"]), default=None, help="only this stage")
+@click.option("--stage", type=_STAGE, default=None, help="only this stage")
 @click.option("--follow", "-f", is_flag=True, help="Kubernetes: stream the stage's log until it ends")
-@cluster_options
+@shared("store", "backend", "context", "namespace")
 @click.pass_context
-def logs(
-    ctx: click.Context,
-    run: str,
-    stage: str | None,
-    follow: bool,
-    backend: str,
-    context: str | None,
-    namespace: str | None,
-) -> None:
-    """Print RUN's stage logs."""
-    be = _find(ctx, run, backend, context, namespace)
-    if hasattr(be, "cluster"):
-        last = None
-        for name, text in be.logs(run, stage, follow):
-            if stage is None and name != last:
-                click.echo(f"===== {name} =====")
-                last = name
-            click.echo(text, nl=False)
-        return
-    if follow:
-        raise ConfigError("--follow is for Kubernetes runs; a local run streams while it runs")
-    parts = be.logs(run, stage)
-    if not parts:
-        click.echo(f"run {run} has no logs yet", err=True)
-    for name, text in parts:
-        if len(parts) > 1:
+def logs(ctx: click.Context, run: str, stage: str | None, follow: bool) -> None:
+    """Print RUN's stage logs (each under a `===== STAGE =====` line unless --stage picks one)."""
+    last = None
+    for name, text in _holding(_opts(ctx), run).logs(run, stage, follow):
+        if stage is None and name != last:
             click.echo(f"===== {name} =====")
+        last = name
         click.echo(text, nl=False)
+    if last is None:
+        click.echo(f"run {run} has no logs yet", err=True)
 
 
 @cli.command()
 @click.argument("run", callback=_run_id)
-@cluster_options
+@shared("store", "backend", "context", "namespace")
 @click.pass_context
-def cancel(ctx: click.Context, run: str, backend: str, context: str | None, namespace: str | None) -> None:
+def cancel(ctx: click.Context, run: str) -> None:
     """Stop RUN on the cluster: its Jobs, pods, ConfigMap and RBAC are deleted; artifacts stay in the store."""
-    if _which(backend) != "kubernetes":
-        raise ConfigError("cancel is for Kubernetes runs; stop a local run with Ctrl-C")
-    be = _kube(ctx, context, namespace)
-    counts = be.cancel(run)
+    counts = _holding(_opts(ctx), run).cancel(run)
     click.echo(f"run {run} cancelled: deleted {counts['jobs']} Jobs and {counts['pods']} pods; artifacts kept")
 
 
@@ -416,7 +465,7 @@ def cancel(ctx: click.Context, run: str, backend: str, context: str | None, name
     help="ollama: create the model on an Ollama server; vllm: a directory `vllm serve` loads; "
     "else a directory to copy into [default: ./RUN]",
 )
-@click.option("--stage", type=click.Choice(["train", "merge", "gguf"]), default=None, help="only this stage")
+@click.option("--stage", type=_STAGE, default=None, help="only this stage")
 @click.option("--quant", default=None, metavar="TYPE", help="only this GGUF type (ollama: default q4_k_m)")
 @click.option("--name", default=None, help="model name on the server [default: RUN:QUANT for ollama, RUN for vllm]")
 @click.option(
@@ -424,6 +473,7 @@ def cancel(ctx: click.Context, run: str, backend: str, context: str | None, name
 )
 @click.option("--adapter", is_flag=True, help="vllm: the LoRA adapter, served on its base, instead of the merged model")
 @click.option("--base", default=None, help="vllm --adapter: the 16-bit base as the serving host names it")
+@shared("store")
 @click.pass_context
 def pull_cmd(
     ctx: click.Context,
@@ -467,7 +517,7 @@ def pull_cmd(
         raise ConfigError(
             f"{wrong[0]} does not apply to pull {'--to ' + kind if kind != 'dir' else 'into a directory'}"
         )
-    store = open_store(ctx.obj["store"])
+    store = open_store(_opts(ctx).store)
     dest = dir or Path(run)
 
     @contextlib.contextmanager

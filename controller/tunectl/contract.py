@@ -115,7 +115,9 @@ def adds_bos(tokenizer_json: dict[str, Any], tokenizer_config: dict[str, Any]) -
     if tokenizer_config.get("add_bos_token") is True:
         return True
     bos = _token_str(tokenizer_config.get("bos_token"))
-    return bool(bos) and bos in json.dumps(tokenizer_json.get("post_processor") or {}, ensure_ascii=False)
+    if not bos:
+        return False
+    return bos in json.dumps(tokenizer_json.get("post_processor") or {}, ensure_ascii=False)
 
 
 def check_model_dir(model_dir: Path, contract: dict[str, Any]) -> list[str]:
@@ -192,8 +194,8 @@ def check_model_dir(model_dir: Path, contract: dict[str, Any]) -> list[str]:
             or sorted(_ids(gen.get("eos_token_id"))) != sorted(stop_ids)
             or gen.get("pad_token_id") != pad_id
         ):
-            before = None if gen is None else (gen.get("eos_token_id"), gen.get("pad_token_id"))
+            was = None if gen is None else (gen.get("eos_token_id"), gen.get("pad_token_id"))
             gen = {**(gen or {}), "eos_token_id": want_eos, "pad_token_id": pad_id}
             _write_json(gen_path, gen)
-            fixed.append(f"generation_config.json: eos/pad {before} -> {(want_eos, pad_id)}")
+            fixed.append(f"generation_config.json: eos/pad {was} -> {(want_eos, pad_id)}")
     return fixed

@@ -1,35 +1,48 @@
 """The Kubernetes backend: a run is a set of objects rendered from the chart and created with the official
 client. The cluster is the record: the run's ConfigMap (`<run>-recipe`) says what was submitted, its Jobs and
 pods say where each stage is. Artifacts live in the S3 store and outlive every object here.
+
+Every API request goes through `api_call`: a request timeout (TUNECTL_KUBE_TIMEOUT seconds, default 10) on each,
+retries with backoff on 429/500/503/504 and broken connections, and `Cluster.create` takes a 409 as "already
+there", so every create is safe to repeat.
 """
 
 from __future__ import annotations
 
 import codecs
+import contextlib
+import json
 import os
-import sys
+import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from .backend import KUBERNETES, Backend, Echo, Submission, SubmitRequest
 from .errors import ConfigError, TunectlError
 from .kubestatus import (
     ANN_STAGES,
     ANN_STORE,
+    LABEL_COMPONENT,
+    LABEL_RECIPE,
     LABEL_RUN,
     LABEL_STAGE,
-    error_line,
-    run_state,
-    seconds,
+    MANAGED,
     stage_status,
+    termination_error,
 )
 from .recipe import Recipe
 from .render import check_namespace, render_run
+from .runmodel import RunStatus, StageState, StageStatus, duration, error_line, run_state, stages_for
 
-COMPONENT = "app.kubernetes.io/component"
-MANAGED = "app.kubernetes.io/managed-by=tunectl"
+TIMEOUT_ENV = "TUNECTL_KUBE_TIMEOUT"
+DEFAULT_TIMEOUT_S = 10.0
+RETRY_STATUSES = frozenset({429, 500, 503, 504})
+RETRIES = 3  # after the first attempt
+BACKOFF_S = 0.5  # before the first retry; doubled for each next one
+MAX_RETRY_AFTER_S = 10.0  # the most a 429's Retry-After is honoured
 
 
 def kubeconfig_present() -> bool:
@@ -40,14 +53,106 @@ def kubeconfig_present() -> bool:
     return (Path.home() / ".kube" / "config").is_file() or bool(os.environ.get("KUBERNETES_SERVICE_HOST"))
 
 
+def request_timeout() -> float:
+    """Seconds one API request may take (connect and each read): TUNECTL_KUBE_TIMEOUT, default 10."""
+    raw = os.environ.get(TIMEOUT_ENV)
+    if not raw:
+        return DEFAULT_TIMEOUT_S
+    try:
+        value = float(raw)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < 3600:
+        raise ConfigError(f"{TIMEOUT_ENV}={raw!r} must be a number of seconds above 0 (and below 3600)")
+    return value
+
+
+def api_call(
+    fn: Callable[..., Any],
+    *args: Any,
+    retries: int = RETRIES,
+    backoff: float = BACKOFF_S,
+    sleep: Callable[[float], None] = time.sleep,
+    **kwargs: Any,
+) -> Any:
+    """`fn(*args, **kwargs)`, one Kubernetes API request, with a request timeout (unless `_request_timeout` is
+    given) and up to `retries` retries, `backoff` seconds doubling, when the API server is throttling or
+    unavailable (429, 500, 503, 504; a 429's Retry-After is honoured) or the connection was refused, reset or
+    broken. A timeout is not retried: the timeout is the bound the user set. Anything else is raised at once."""
+    kwargs.setdefault("_request_timeout", request_timeout())
+    attempt = 0
+    while True:
+        try:
+            return fn(*args, **kwargs)
+        except Exception as e:
+            delay = retry_delay(e, backoff * 2**attempt)
+            if delay is None or attempt == retries:
+                raise
+            sleep(delay)
+        attempt += 1
+
+
+def retry_delay(e: BaseException, backoff: float) -> float | None:
+    """How long to wait before retrying after `e`; None if `e` is not worth a retry."""
+    from kubernetes.client.exceptions import ApiException
+
+    if isinstance(e, ApiException):
+        if e.status not in RETRY_STATUSES:
+            return None
+        after = (e.headers or {}).get("Retry-After") if e.status == 429 else None
+        try:
+            return min(float(after), MAX_RETRY_AFTER_S) if after else backoff
+        except ValueError:
+            return backoff
+    return backoff if _network_problem(e) == "broken" else None
+
+
+def _network_problem(e: BaseException) -> str | None:
+    """ "timeout", "broken" (refused, reset, cut: worth a retry), "other" for another network failure, or None
+    when `e` is not one."""
+    from urllib3.exceptions import (
+        MaxRetryError,
+        NameResolutionError,
+        NewConnectionError,
+        ProtocolError,
+        SSLError,
+    )
+    from urllib3.exceptions import TimeoutError as Urllib3Timeout
+
+    if isinstance(e, MaxRetryError) and e.reason is not None:
+        return _network_problem(e.reason)
+    if isinstance(e, NameResolutionError):
+        return "other"
+    if isinstance(e, (NewConnectionError, ProtocolError, ConnectionError)):
+        return "broken"
+    if isinstance(e, SSLError):
+        # Cut in the middle of a TLS record: the connection broke. A certificate that fails is not a retry.
+        return "broken" if "EOF" in str(e) or "eof" in str(e) else "other"
+    if isinstance(e, (Urllib3Timeout, TimeoutError)):
+        return "timeout"
+    if isinstance(e, OSError):
+        return "other"
+    return None
+
+
+class Unreachable(TunectlError):
+    """The API server could not be asked; `why` says so without what was being done."""
+
+    def __init__(self, message: str, why: str):
+        super().__init__(message)
+        self.why = why
+
+
 class Cluster:
-    """An API client, the namespace to use, and the typed APIs the backend needs."""
+    """The one place the API client is built: in-cluster configuration, else the kubeconfig (and context);
+    the namespace to use; the typed APIs the backend needs; one line for every failure."""
 
     def __init__(self, context: str | None = None, namespace: str | None = None):
         from kubernetes import client, config
 
         # One line here, not the API server's 404 or 422 later (a kubeconfig's own namespace is checked below).
         check_namespace(namespace or "default")
+        self.timeout = request_timeout()
         cfg = client.Configuration()
         try:
             if os.environ.get("KUBERNETES_SERVICE_HOST") and not (
@@ -71,6 +176,7 @@ class Cluster:
         except (config.ConfigException, StopIteration, OSError) as e:
             what = f"context '{context}'" if context else "a kubeconfig"
             raise ConfigError(f"cannot load {what}: {e} (set KUBECONFIG or pass --context)") from None
+        cfg.retries = False  # urllib3's own retries off: api_call retries, within its timeout
         self.api = client.ApiClient(cfg)
         self.host = cfg.host
         self.namespace = namespace or default_ns
@@ -79,16 +185,39 @@ class Cluster:
         self.batch = client.BatchV1Api(self.api)
         self.rbac = client.RbacAuthorizationV1Api(self.api)
 
+    def where(self) -> str:
+        return f"namespace {self.namespace} (context {self.context})"
+
     def to_dict(self, obj: Any) -> dict[str, Any]:
         return self.api.sanitize_for_serialization(obj)
+
+    def call(self, doing: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """api_call, with any failure as one line (TunectlError) that says what was being done."""
+        with self.failures(doing):
+            return api_call(fn, *args, **kwargs)
+
+    @contextlib.contextmanager
+    def failures(self, doing: str, ok: tuple[int, ...] = ()) -> Iterator[None]:
+        """API and network failures inside as one line (TunectlError) saying what was being done; an
+        ApiException whose status is in `ok` passes through for the caller to handle."""
+        from kubernetes.client.exceptions import ApiException
+
+        try:
+            yield
+        except ApiException as e:
+            if e.status in ok:
+                raise
+            raise self.explain(e, doing) from None
+        except Exception as e:
+            if _network_problem(e) is None:
+                raise
+            raise self.explain(e, doing) from None
 
     def explain(self, e: Exception, doing: str) -> TunectlError:
         """One line for an API failure."""
         from kubernetes.client.exceptions import ApiException
 
         if isinstance(e, ApiException):
-            import json
-
             try:
                 message = json.loads(e.body or "{}").get("message") or e.reason
             except ValueError:
@@ -98,9 +227,21 @@ class Cluster:
             if e.status == 401:
                 return TunectlError(f"{doing}: the cluster rejected the credentials of context {self.context}")
             return TunectlError(f"{doing}: {message} (HTTP {e.status})")
-        return TunectlError(f"{doing}: cannot reach the Kubernetes API at {self.host} ({type(e).__name__})")
+        return Unreachable(f"{doing}: {self.unreachable(e)}", self.unreachable(e))
 
-    # -- generic create/delete for the kinds the chart renders
+    def unreachable(self, e: BaseException) -> str:
+        """What went wrong reaching the API server, and what to check."""
+        problem = _network_problem(e)
+        if problem == "timeout":
+            why = f"did not answer within {self.timeout:g}s ({TIMEOUT_ENV})"
+        elif problem == "broken":
+            why = "refused or dropped the connection"
+        else:
+            detail = (str(e).splitlines() or [""])[0][:200]
+            why = f"cannot be reached ({type(e).__name__}: {detail})"
+        return f"the Kubernetes API at {self.host} {why}: is the cluster up? (context {self.context}; KUBECONFIG)"
+
+    # -- generic create/read for the kinds the chart renders
     def _ops(self, kind: str) -> tuple[Any, str]:
         table = {
             "ConfigMap": (self.core, "config_map"),
@@ -114,34 +255,42 @@ class Cluster:
         return table[kind]
 
     def create(self, doc: dict[str, Any], dry_run: bool = False) -> bool:
-        """Create one object; False if it already exists. `dry_run` asks the server to validate strictly."""
+        """Create one object; False if it already exists (a 409, also when an earlier attempt of this very call
+        created it before its answer was lost). `dry_run` asks the server to validate strictly."""
         from kubernetes.client.exceptions import ApiException
 
         api, suffix = self._ops(doc["kind"])
-        extra = {"dry_run": "All"} if dry_run else {}
+        extra: dict[str, Any] = {"dry_run": "All"} if dry_run else {}
+        what = f"creating {doc['kind']} {doc['metadata']['name']} in namespace {self.namespace}"
         try:
-            getattr(api, f"create_namespaced_{suffix}")(
-                doc["metadata"].get("namespace", self.namespace), doc, field_validation="Strict", **extra
-            )
+            with self.failures(what, ok=(409,)):
+                api_call(
+                    getattr(api, f"create_namespaced_{suffix}"),
+                    doc["metadata"].get("namespace", self.namespace),
+                    doc,
+                    field_validation="Strict",
+                    **extra,
+                )
             return True
-        except ApiException as e:
-            if e.status == 409:
-                return False
-            raise
+        except ApiException:  # 409 Conflict: it is there
+            return False
 
-    def read(self, kind: str, name: str) -> dict[str, Any] | None:
+    def read(self, kind: str, name: str, doing: str | None = None) -> dict[str, Any] | None:
+        """The object, or None where there is none."""
         from kubernetes.client.exceptions import ApiException
 
         api, suffix = self._ops(kind)
         try:
-            return self.to_dict(getattr(api, f"read_namespaced_{suffix}")(name, self.namespace))
-        except ApiException as e:
-            if e.status == 404:
-                return None
-            raise
+            with self.failures(doing or f"reading {kind} {name} in namespace {self.namespace}", ok=(404,)):
+                return self.to_dict(api_call(getattr(api, f"read_namespaced_{suffix}"), name, self.namespace))
+        except ApiException:  # 404: there is none
+            return None
 
 
-class KubernetesBackend:
+class KubernetesBackend(Backend):
+    name = KUBERNETES
+    runs_here = False
+
     def __init__(self, cluster: Cluster, store_uri: str | None = None):
         self.cluster = cluster
         self.store_uri = store_uri
@@ -150,14 +299,8 @@ class KubernetesBackend:
     def namespace(self) -> str:
         return self.cluster.namespace
 
-    def _call(self, doing: str, fn: Callable[[], Any]) -> Any:
-        from kubernetes.client.exceptions import ApiException
-        from urllib3.exceptions import HTTPError
-
-        try:
-            return fn()
-        except (ApiException, HTTPError, OSError) as e:
-            raise self.cluster.explain(e, doing) from None
+    def describe(self) -> str:
+        return self.cluster.where()
 
     # -- submit
     def render(
@@ -165,112 +308,127 @@ class KubernetesBackend:
     ) -> tuple[str, list[dict[str, Any]]]:
         return render_run(recipe, self.store_uri, self.namespace, run, values, sets)
 
-    def submit(self, run: str, docs: list[dict[str, Any]], echo: Callable[[str], None]) -> bool:
+    def submit(self, request: SubmitRequest, echo: Echo) -> Submission:
+        run, docs = self.render(request.recipe, request.run_id, request.values, request.helm_sets)
+        created = self.create_objects(run, docs, echo)
+        return Submission(run, stages_for(request.recipe), created)
+
+    def create_objects(self, run: str, docs: list[dict[str, Any]], echo: Echo | None = None) -> bool:
         """Create the run's objects; safe to repeat (existing objects are kept). False if it all existed."""
-        existing = self._call(f"submitting {run}", lambda: self.cluster.read("ConfigMap", f"{run}-recipe"))
+        existing = self.cluster.read("ConfigMap", f"{run}-recipe")
         wanted = next(d for d in docs if d["kind"] == "ConfigMap")
         if existing is not None and existing.get("data") != wanted.get("data"):
             raise ConfigError(
                 f"run {run} already exists in namespace {self.namespace} with a different recipe: choose another --run"
             )
-        created = 0
-        for doc in docs:
-            what = f"creating {doc['kind']} {doc['metadata']['name']} in namespace {self.namespace}"
-            if self._call(what, lambda d=doc: self.cluster.create(d)):
-                created += 1
-        if created and created < len(docs):
-            echo(f"run {run}: created the {created} missing of {len(docs)} objects")
+        created = sum(self.cluster.create(doc) for doc in docs)
+        if created and created < len(docs) and echo is not None:
+            echo(f"run {run}: created the {created} missing of {len(docs)} objects\n")
         return created > 0
 
+    def wait(self, run: str, echo: Echo | None, poll_seconds: float) -> RunStatus:
+        """`submit --wait`: the reconciler's own logic, from this machine, printing each transition."""
+        from .reconcile import Reconciler
+
+        self.run_record(run)
+        r = Reconciler(
+            self.cluster.batch,
+            self.namespace,
+            run,
+            poll_seconds=poll_seconds,
+            echo=timestamped(echo) if echo else None,
+            call=api_call,
+        )
+        with self.cluster.failures(f"following run {run}"):
+            r.run_until_done()
+        return self.status(run)
+
     # -- inspect
+    def has(self, run: str) -> bool:
+        return self._record(run) is not None
+
     def run_record(self, run: str) -> dict[str, Any]:
-        """The run's ConfigMap (what was submitted); the same name as LocalBackend's lookup."""
-        cm = self._call(f"reading run {run}", lambda: self.cluster.read("ConfigMap", f"{run}-recipe"))
+        """The run's ConfigMap (what was submitted)."""
+        cm = self._record(run)
         if cm is None:
-            raise TunectlError(f"no run '{run}' in namespace {self.namespace} (context {self.cluster.context})")
+            raise TunectlError(f"no run '{run}' in {self.describe()}")
         return cm
 
-    def _objects(self, selector: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-        jobs = self._call(
-            "listing Jobs", lambda: self.cluster.batch.list_namespaced_job(self.namespace, label_selector=selector)
-        )
-        pods = self._call(
-            "listing pods", lambda: self.cluster.core.list_namespaced_pod(self.namespace, label_selector=selector)
-        )
-        return [self.cluster.to_dict(j) for j in jobs.items], [self.cluster.to_dict(p) for p in pods.items]
+    def _record(self, run: str) -> dict[str, Any] | None:
+        return self.cluster.read("ConfigMap", f"{run}-recipe", f"looking for run {run} in {self.describe()}")
 
-    def status(self, run: str) -> dict[str, Any]:
+    def _objects(self, selector: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        c = self.cluster
+        jobs = c.call("listing Jobs", c.batch.list_namespaced_job, self.namespace, label_selector=selector)
+        pods = c.call("listing pods", c.core.list_namespaced_pod, self.namespace, label_selector=selector)
+        return [c.to_dict(j) for j in jobs.items], [c.to_dict(p) for p in pods.items]
+
+    def status(self, run: str) -> RunStatus:
         cm = self.run_record(run)
         jobs, pods = self._objects(f"{LABEL_RUN}={run}")
         return self._status(cm, jobs, pods, with_errors=True)
 
     def _status(
         self, cm: dict[str, Any], jobs: list[dict[str, Any]], pods: list[dict[str, Any]], with_errors: bool
-    ) -> dict[str, Any]:
+    ) -> RunStatus:
         run = cm["metadata"]["labels"][LABEL_RUN]
-        ann = cm["metadata"].get("annotations") or {}
-        stages = _stages(cm)
+        store = (cm["metadata"].get("annotations") or {}).get(ANN_STORE, "")
         by_stage = {j["metadata"]["labels"].get(LABEL_STAGE): j for j in jobs}
-        now = datetime.now(timezone.utc)
-        rows = []
-        for stage in stages:
+        now = datetime.now(UTC)
+        rows: list[StageStatus] = []
+        for stage in _stages(cm):
             owned = [p for p in pods if p["metadata"]["labels"].get(LABEL_STAGE) == stage]
             row = stage_status(stage, by_stage.get(stage), owned)
-            secs = seconds(row, now)
-            if secs is not None:
-                row["seconds"] = secs
-            if with_errors and row["state"] == "failed":
-                error = error_line(owned) or self._error_line(owned)
-                if error:
-                    row["error"] = error
+            row.seconds = duration(row.started, row.finished, now)
+            if with_errors and row.state == StageState.FAILED:
+                row.error = termination_error(owned) or self._error_line(owned)
             rows.append(row)
         reconciler = by_stage.get(None)
-        return {
-            "run": run,
-            "recipe": cm["metadata"]["labels"].get("tunectl.dev/recipe", ""),
-            "backend": "kubernetes",
-            "namespace": self.namespace,
-            "context": self.cluster.context,
-            "created": cm["metadata"]["creationTimestamp"],
-            "store": ann.get(ANN_STORE, ""),
-            "path": f"{ann.get(ANN_STORE, '')}/runs/{run}",
-            "state": run_state(rows),
-            "stages": rows,
-            "reconciler": stage_status("reconciler", reconciler, [])["state"] if reconciler else "none",
-        }
+        return RunStatus(
+            run=run,
+            recipe=cm["metadata"]["labels"].get(LABEL_RECIPE, ""),
+            backend=KUBERNETES,
+            state=run_state(r.state for r in rows),
+            created=cm["metadata"]["creationTimestamp"],
+            stages=rows,
+            path=f"{store}/runs/{run}",
+            store=store,
+            namespace=self.namespace,
+            context=self.cluster.context,
+            reconciler=str(stage_status("reconciler", reconciler, []).state) if reconciler else "none",
+        )
 
     def _log_text(self, pod: str, tail_lines: int | None = None) -> str:
         # The raw body: the client's own decoding turns some logs into "b'...'" text or parses them as JSON.
         kw = {"tail_lines": tail_lines} if tail_lines else {}
-        resp = self.cluster.core.read_namespaced_pod_log(pod, self.namespace, _preload_content=False, **kw)
+        c = self.cluster
+        resp = c.call(
+            f"reading logs of {pod}", c.core.read_namespaced_pod_log, pod, self.namespace, _preload_content=False, **kw
+        )
         return resp.data.decode("utf-8", "replace")
 
     def _error_line(self, pods: list[dict[str, Any]]) -> str | None:
-        """The `error: ...` line a stage program prints before a non-zero exit, from its newest failed pod."""
+        """The error line a stage program prints before a non-zero exit, from its newest failed pod's log."""
         failed = [p for p in pods if (p.get("status") or {}).get("phase") == "Failed"]
         for pod in sorted(failed, key=lambda p: p["metadata"]["creationTimestamp"], reverse=True)[:1]:
             try:
-                text = self._log_text(pod["metadata"]["name"], tail_lines=50)
-            except Exception:  # noqa: BLE001 - logs are a courtesy here; the node may be gone
+                return error_line(self._log_text(pod["metadata"]["name"], tail_lines=50))
+            except TunectlError:  # logs are a courtesy here; the node may be gone
                 return None
-            for line in reversed(text.splitlines()):
-                if line.startswith("error: "):
-                    return line[len("error: ") :]
         return None
 
-    def list_runs(self) -> list[dict[str, Any]]:
+    def list_runs(self) -> list[RunStatus]:
         """Every run in the namespace, oldest first, from three list requests however many runs there are."""
-        sel = f"{MANAGED},{COMPONENT}=recipe"
-        cms = self._call(
-            "listing runs", lambda: self.cluster.core.list_namespaced_config_map(self.namespace, label_selector=sel)
-        )
+        c = self.cluster
+        sel = f"{MANAGED},{LABEL_COMPONENT}=recipe"
+        cms = c.call("listing runs", c.core.list_namespaced_config_map, self.namespace, label_selector=sel)
         jobs, pods = self._objects(MANAGED)
         by_run: dict[str, tuple[list[dict[str, Any]], list[dict[str, Any]]]] = defaultdict(lambda: ([], []))
         for i, objs in enumerate((jobs, pods)):
             for obj in objs:
                 by_run[obj["metadata"]["labels"].get(LABEL_RUN, "")][i].append(obj)
-        cms = sorted((self.cluster.to_dict(c) for c in cms.items), key=lambda c: c["metadata"]["creationTimestamp"])
-        return [self._status(cm, *by_run[cm["metadata"]["labels"][LABEL_RUN]], False) for cm in cms]
+        records = sorted((c.to_dict(x) for x in cms.items), key=lambda x: x["metadata"]["creationTimestamp"])
+        return [self._status(cm, *by_run[cm["metadata"]["labels"][LABEL_RUN]], False) for cm in records]
 
     def logs(self, run: str, stage: str | None, follow: bool) -> Iterator[tuple[str, str]]:
         """(stage, text) chunks from each stage's newest pod; with `follow`, stream one stage until it ends."""
@@ -279,28 +437,35 @@ class KubernetesBackend:
             raise TunectlError(f"run {run} has no stage '{stage}' (stages: {', '.join(stages)})")
         if follow and stage is None:
             raise ConfigError("--follow needs --stage (one stream at a time)")
+        return self._logs(run, [stage] if stage else stages, follow)
+
+    def _logs(self, run: str, stages: list[str], follow: bool) -> Iterator[tuple[str, str]]:
         _, pods = self._objects(f"{LABEL_RUN}={run}")
-        for s in [stage] if stage else stages:
+        for s in stages:
             owned = [p for p in pods if p["metadata"]["labels"].get(LABEL_STAGE) == s]
             if not owned:
                 continue
-            pod = max(owned, key=lambda p: p["metadata"]["creationTimestamp"])
-            name = pod["metadata"]["name"]
+            name = max(owned, key=lambda p: p["metadata"]["creationTimestamp"])["metadata"]["name"]
             if follow:
                 yield from ((s, text) for text in self._follow(name))
             else:
-                yield s, self._call(f"reading logs of {name}", lambda n=name: self._log_text(n))
+                yield s, self._log_text(name)
 
     def _follow(self, pod: str, grace: float = 2.0) -> Iterator[str]:
         """Stream a pod's log until the pod is finished. A kubelet ends the stream when the container exits;
         this also ends it `grace` seconds after the pod turns terminal, in case the node never does."""
         import queue
         import threading
-        import time
 
-        resp = self._call(
+        c = self.cluster
+        resp = c.call(
             f"reading logs of {pod}",
-            lambda: self.cluster.core.read_namespaced_pod_log(pod, self.namespace, follow=True, _preload_content=False),
+            c.core.read_namespaced_pod_log,
+            pod,
+            self.namespace,
+            follow=True,
+            _preload_content=False,
+            _request_timeout=(c.timeout, None),  # a quiet stage may print nothing for a long time
         )
         chunks: queue.Queue[bytes | None] = queue.Queue()
         decoder = codecs.getincrementaldecoder("utf-8")("replace")  # a character may straddle two chunks
@@ -320,9 +485,7 @@ class KubernetesBackend:
                 chunk = chunks.get(timeout=1.0)
             except queue.Empty:
                 if ended_at is None:
-                    phase = self._call(
-                        "reading the pod", lambda: self.cluster.core.read_namespaced_pod(pod, self.namespace)
-                    )
+                    phase = c.call("reading the pod", c.core.read_namespaced_pod, pod, self.namespace)
                     if phase.status.phase in ("Succeeded", "Failed"):
                         ended_at = time.monotonic()
                 elif time.monotonic() - ended_at > grace:
@@ -335,8 +498,6 @@ class KubernetesBackend:
 
     def cancel(self, run: str, timeout: float = 60.0) -> dict[str, int]:
         """Delete the run's Jobs and pods (and its ConfigMap and RBAC); artifacts in the store are kept."""
-        import time
-
         from kubernetes.client import V1DeleteOptions
 
         self.run_record(run)
@@ -352,9 +513,10 @@ class KubernetesBackend:
             ("serviceaccounts", c.core.list_namespaced_service_account, c.core.delete_namespaced_service_account),
             ("configmaps", c.core.list_namespaced_config_map, c.core.delete_namespaced_config_map),
         ):
-            items = self._call(f"listing {kind}", lambda f=lister: f(self.namespace, label_selector=sel)).items
+            items = c.call(f"listing {kind}", lister, self.namespace, label_selector=sel).items
             for item in items:
-                self._call(f"deleting {kind} {item.metadata.name}", lambda f=deleter, i=item: _delete(f, i, opts, self))
+                name = item.metadata.name
+                c.call(f"deleting {kind} {name}", _delete, deleter, name, self.namespace, opts)
             counts[kind] = len(items)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -364,29 +526,23 @@ class KubernetesBackend:
             time.sleep(0.5)
         raise TunectlError(f"run {run}: Jobs or pods still present {timeout:.0f}s after deletion")
 
-    def wait(self, run: str, poll_seconds: float, echo: Callable[[str], None]) -> dict[str, str]:
-        """`submit --wait`: the reconciler's own logic, from this machine, printing each transition."""
-        from .reconcile import Reconciler
-
-        r = Reconciler(self.cluster.batch, self.namespace, run, poll_seconds=poll_seconds, echo=echo)
-        return self._call(f"following run {run}", r.run_until_done)
-
 
 def _stages(cm: dict[str, Any]) -> list[str]:
     """The run's stages in order, as its ConfigMap records them."""
     return [s for s in ((cm["metadata"].get("annotations") or {}).get(ANN_STAGES, "")).split(",") if s]
 
 
-def _delete(fn: Callable[..., Any], item: Any, opts: Any, be: KubernetesBackend) -> None:
+def _delete(fn: Callable[..., Any], name: str, namespace: str, opts: Any, _request_timeout: Any = None) -> None:
+    """Delete one object; one already gone is fine (a retried delete finds it gone)."""
     from kubernetes.client.exceptions import ApiException
 
     try:
-        fn(item.metadata.name, be.namespace, body=opts)
+        fn(name, namespace, body=opts, _request_timeout=_request_timeout)
     except ApiException as e:
         if e.status != 404:
             raise
 
 
-def echo_stderr(msg: str) -> None:
-    stamp = datetime.now().strftime("%H:%M:%S")
-    print(f"{stamp} {msg}", file=sys.stderr, flush=True)
+def timestamped(echo: Echo) -> Echo:
+    """`echo` for one event a line, each line with the time of day (what the reconciler prints)."""
+    return lambda msg: echo(f"{datetime.now():%H:%M:%S} {msg}\n")

@@ -1,4 +1,5 @@
-"""What a run's Jobs and pods say about each stage, in words a user can act on.
+"""What a run's Jobs and pods say about each stage, in the run model's words (`runmodel`), with a reason a user
+can act on. The label and annotation keys the chart, the backend and the reconciler share live here.
 
 Pure functions over the objects as the API returns them (camelCase dicts), so every reason is testable
 without a cluster: waiting for upstream, unschedulable (Insufficient nvidia.com/gpu), image pull errors,
@@ -7,10 +8,10 @@ OOMKilled, failed with exit code N, succeeded.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
 
 from .errors import EXIT_CONFIG_ERROR
+from .runmodel import StageState, StageStatus
 from .stageexit import killed, read_status, signal_name, where
 
 LABEL_RUN = "tunectl.dev/run"
@@ -22,8 +23,9 @@ ANN_STORE = "tunectl.dev/store"
 ANN_STAGES = "tunectl.dev/stages"
 ANN_QUEUE = "tunectl.dev/queue-name"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
-
-FINAL = ("succeeded", "failed", "skipped")
+LABEL_RECIPE = "tunectl.dev/recipe"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+MANAGED = "app.kubernetes.io/managed-by=tunectl"  # a selector: every object tunectl creates
 
 
 def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -33,16 +35,30 @@ def condition(obj: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return None
 
 
-def job_outcome(job: dict[str, Any]) -> str | None:
-    """ "succeeded", "failed", or None while the Job is not finished."""
+def job_outcome(job: dict[str, Any]) -> StageState | None:
+    """Succeeded, failed, or None while the Job is not finished."""
     if condition(job, "Complete"):
-        return "succeeded"
+        return StageState.SUCCEEDED
     if condition(job, "Failed"):
-        return "failed"
+        return StageState.FAILED
     return None
 
 
-def annotations(obj: dict[str, Any]) -> dict[str, str]:
+def job_state(job: dict[str, Any]) -> StageState:
+    """A stage's state from its Job alone (what the reconciler, which may read only Jobs, sees): finished; skipped
+    (blocked by the reconciler); waiting (suspended until its upstream is done); pending once released (with
+    Kueue it stays suspended until admitted); running while a pod of it is active."""
+    outcome = job_outcome(job)
+    if outcome:
+        return outcome
+    if annotations_of(job).get(ANN_BLOCKED):
+        return StageState.SKIPPED
+    if (job.get("spec") or {}).get("suspend") and not annotations_of(job).get(ANN_RELEASED):
+        return StageState.WAITING
+    return StageState.RUNNING if (job.get("status") or {}).get("active") else StageState.PENDING
+
+
+def annotations_of(obj: dict[str, Any]) -> dict[str, str]:
     return obj.get("metadata", {}).get("annotations") or {}
 
 
@@ -93,7 +109,7 @@ def _exit_text(term: dict[str, Any]) -> str:
     return f"failed with exit code {code}"
 
 
-def error_line(pods: list[dict[str, Any]]) -> str | None:
+def termination_error(pods: list[dict[str, Any]]) -> str | None:
     """The error line the newest failed pod's stage program wrote into its termination message, if any."""
     for pod in _newest(pods):
         if (pod.get("status") or {}).get("phase") != "Failed":
@@ -107,30 +123,27 @@ def _newest(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
 
 
-def stage_status(stage: str, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> dict[str, Any]:
+def stage_status(stage: str, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> StageStatus:
     """One stage's state and reason from its Job and that Job's pods."""
     if job is None:
-        return {"stage": stage, "state": "missing", "reason": "no Job (deleted, cancelled or expired by its TTL)"}
+        return StageStatus(stage, StageState.MISSING, reason="no Job (deleted, cancelled or expired by its TTL)")
     st = job.get("status") or {}
-    out: dict[str, Any] = {"stage": stage, "job": job["metadata"]["name"]}
-    if st.get("startTime"):
-        out["started"] = st["startTime"]
-    if st.get("completionTime"):
-        out["finished"] = st["completionTime"]
+    out = StageStatus(stage, job_state(job), job=job["metadata"]["name"])
+    out.started = st.get("startTime")
+    out.finished = st.get("completionTime")
     failed_pods = [p for p in _newest(pods) if (p.get("status") or {}).get("phase") == "Failed"]
     attempts = (st.get("failed") or 0) + (st.get("succeeded") or 0) + (st.get("active") or 0)
     if attempts > 1:
-        out["attempts"] = attempts
-    outcome = job_outcome(job)
-    if outcome == "succeeded":
-        return {**out, "state": "succeeded"}
-    if outcome == "failed":
+        out.attempts = attempts
+    if out.state == StageState.SUCCEEDED:
+        return out
+    if out.state == StageState.FAILED:
         cond = condition(job, "Failed") or {}
         if cond.get("lastTransitionTime"):
-            out["finished"] = cond["lastTransitionTime"]
+            out.finished = cond["lastTransitionTime"]
         term = next((t for t in map(_terminated, failed_pods) if t), None)
         if term is not None:
-            out["exit_code"] = term.get("exitCode")
+            out.exit_code = term.get("exitCode")
             reason = _exit_text(term)
         else:
             reason = cond.get("message") or cond.get("reason") or "failed"
@@ -138,47 +151,33 @@ def stage_status(stage: str, job: dict[str, Any] | None, pods: list[dict[str, An
             reason += f" (after {attempts} attempts)"
         elif cond.get("reason") == "DeadlineExceeded":
             reason = "ran past its activeDeadlineSeconds"
-        return {**out, "state": "failed", "reason": reason}
-    ann = annotations(job)
-    if ann.get(ANN_BLOCKED):
-        return {**out, "state": "skipped", "reason": ann[ANN_BLOCKED]}
+        out.reason = reason
+        return out
+    ann = annotations_of(job)
+    if out.state == StageState.SKIPPED:
+        out.reason = ann[ANN_BLOCKED]
+        return out
     if (job.get("spec") or {}).get("suspend"):
-        if ann.get(ANN_RELEASED):
-            return {**out, "state": "pending", "reason": f"queued in Kueue queue {ann.get(ANN_QUEUE, '')}".rstrip()}
         after = ann.get(ANN_AFTER)
-        return {**out, "state": "waiting", "reason": f"waiting for {after}" if after else "suspended"}
+        if out.state == StageState.WAITING:
+            out.reason = f"waiting for {after}" if after else "suspended"
+        else:
+            out.reason = f"queued in Kueue queue {ann.get(ANN_QUEUE, '')}".rstrip()
+        return out
     live = [p for p in _newest(pods) if (p.get("status") or {}).get("phase") in ("Pending", "Running", None)]
     retry_note = ""
     if failed_pods:
         term = _terminated(failed_pods[0])
         retry_note = f"; retrying after {_exit_text(term) if term else 'a failed pod'}"
     if not live:
-        return {**out, "state": "pending", "reason": "creating its pod" + retry_note}
+        out.state, out.reason = StageState.PENDING, "creating its pod" + retry_note
+        return out
     pod = live[0]
     phase = (pod.get("status") or {}).get("phase")
     if phase == "Running":
         node = (pod.get("spec") or {}).get("nodeName")
-        return {**out, "state": "running", "reason": f"on node {node}" + retry_note if node else retry_note[2:]}
-    why = _unschedulable(pod) or _waiting_reason(pod) or "pod starting"
-    return {**out, "state": "pending", "reason": why + retry_note}
-
-
-def run_state(stages: list[dict[str, Any]]) -> str:
-    states = [s["state"] for s in stages]
-    if all(s == "succeeded" for s in states):
-        return "succeeded"
-    if "failed" in states:
-        return "failed"
-    if "missing" in states:
-        return "incomplete"
-    if "running" in states:
-        return "running"
-    return "pending"
-
-
-def seconds(stage: dict[str, Any], now: datetime) -> float | None:
-    if "started" not in stage:
-        return None
-    start = datetime.fromisoformat(stage["started"].replace("Z", "+00:00"))
-    end = datetime.fromisoformat(stage["finished"].replace("Z", "+00:00")) if "finished" in stage else now
-    return round((end - start).total_seconds(), 1)
+        out.state, out.reason = StageState.RUNNING, (f"on node {node}" + retry_note if node else retry_note[2:])
+        return out
+    out.state, out.reason = StageState.PENDING, (_unschedulable(pod) or _waiting_reason(pod) or "pod starting")
+    out.reason += retry_note
+    return out

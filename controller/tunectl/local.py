@@ -8,43 +8,35 @@ directory per stage whose `manifest.json` marks it complete.
 from __future__ import annotations
 
 import ctypes
+import io
 import os
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
-from datetime import datetime, timezone
-from typing import IO, Any
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 from . import __version__
+from .backend import LOCAL, Backend, Echo, Submission, SubmitRequest
 from .datacheck import peek_local_file
 from .errors import ConfigError, TunectlError, redact
 from .files import create_fresh, write_atomic
 from .recipe import Recipe
 from .refs import resolve
 from .runid import is_run_id, new_run_id
+from .runmodel import RunState, RunStatus, StageState, StageStatus, duration, error_line, run_state, stages_for
 from .stageexit import STATUS_ENV, describe, phase_text, read_status_file
-from .store import CorruptDocument, Store
+from .stores import CorruptDocument, Store
 
-STAGES = ("train", "merge", "gguf")
 STOP_GRACE_S = 30  # how long a stage may take to exit after SIGTERM before its process group is killed
 ID_ATTEMPTS = 8  # new ids tried when the one drawn is taken (same recipe, same second, same random suffix)
 _PR_SET_PDEATHSIG = 1
 
 
 def now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
-
-
-def stages_for(recipe: Recipe) -> list[str]:
-    e = recipe.export
-    stages = ["train"]
-    if e.lora or e.merged_16bit or e.merged_4bit or e.gguf:
-        stages.append("merge")
-    if e.gguf:
-        stages.append("gguf")
-    return stages
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 def preflight(recipe: Recipe) -> None:
@@ -74,9 +66,15 @@ class StageFailed(TunectlError):
     pass
 
 
-class LocalBackend:
+class LocalBackend(Backend):
+    name = LOCAL
+    runs_here = True
+
     def __init__(self, store: Store):
         self.store = store
+
+    def describe(self) -> str:
+        return redact(self.store.uri)
 
     # -- records
     def _state(self, run: str) -> dict[str, Any]:
@@ -88,6 +86,12 @@ class LocalBackend:
 
     def _save_state(self, run: str, state: dict[str, Any]) -> None:
         self.store.write_json(f"runs/{run}/state.json", state)
+
+    def has(self, run: str) -> bool:
+        try:
+            return self.store.read_json(f"runs/{run}/run.json") is not None
+        except CorruptDocument:
+            return True  # there, if damaged: `status` says so
 
     def run_record(self, run: str) -> dict[str, Any]:
         doc = self.store.read_json(f"runs/{run}/run.json")
@@ -101,9 +105,9 @@ class LocalBackend:
             raise CorruptDocument(f"{where} is corrupt (no 'stages' list): repair or remove it")
         return doc
 
-    def list_status(self) -> list[dict[str, Any]]:
-        """Every run's status, for `list`. A run whose records cannot be read is listed with state "unknown" and
-        the reason, so one damaged run never hides the others."""
+    def list_runs(self) -> list[RunStatus]:
+        """Every run's status. A run whose records cannot be read is listed with state "unknown" and the reason,
+        so one damaged run never hides the others."""
         rows = []
         for run in self.store.list_runs():
             try:
@@ -114,20 +118,25 @@ class LocalBackend:
                 except CorruptDocument:
                     record = {}
                 rows.append(
-                    {
-                        "run": run,
-                        "recipe": str(record.get("recipe", "?")),
-                        "state": "unknown",
-                        "created": str(record.get("created", "?")),
-                        "backend": str(record.get("backend", "local")),
-                        "stages": [],
-                        "reason": str(e),
-                        "path": self.store.location(run),
-                    }
+                    RunStatus(
+                        run=run,
+                        recipe=str(record.get("recipe", "?")),
+                        backend=str(record.get("backend", LOCAL)),
+                        state=RunState.UNKNOWN,
+                        created=str(record.get("created", "?")),
+                        reason=str(e),
+                        path=self.store.location(run),
+                    )
                 )
         return rows
 
     # -- submit
+    def submit(self, request: SubmitRequest, echo: Echo) -> Submission:
+        if request.values or request.helm_sets:
+            raise ConfigError("--values and --helm-set are for Kubernetes runs (--backend kubernetes)")
+        run = self.create(request.recipe, request.run_id)
+        return Submission(run, self.run_record(run)["stages"], created=True)
+
     def create(self, recipe: Recipe, run_id: str | None = None) -> str:
         """A new run of `recipe`: its id (`run_id`, or a new one) is claimed in the store first, so an existing
         run is never written over; a given id that is taken is an error, a drawn one is drawn again."""
@@ -140,13 +149,13 @@ class LocalBackend:
         recipe_file = self.store.local_dir(run) / "recipe.yaml"  # the file the stage programs read
         write_atomic(recipe_file, recipe.to_yaml())
         self.store.put_file(f"runs/{run}/recipe.yaml", recipe_file)
-        self._save_state(run, {s: {"state": "pending"} for s in stages})
+        self._save_state(run, {s: {"state": str(StageState.PENDING)} for s in stages})
         self.store.write_json(
             f"runs/{run}/run.json",
             {
                 "run": run,
                 "recipe": recipe.name,
-                "backend": "local",
+                "backend": LOCAL,
                 "created": now(),
                 "stages": stages,
                 "store": self.store.uri,
@@ -166,7 +175,15 @@ class LocalBackend:
                 return run
         raise TunectlError(f"could not find an unused run id in {redact(self.store.uri)} after {ID_ATTEMPTS} tries")
 
-    def execute(self, run: str, echo: IO[str] | None = None) -> None:
+    def wait(self, run: str, echo: Echo | None, poll_seconds: float = 0.0) -> RunStatus:
+        """Run the run's pending stages here (`execute`); its status once it ended, failed or not."""
+        try:
+            self.execute(run, echo)
+        except StageFailed:
+            pass  # the status says which stage and why
+        return self.status(run)
+
+    def execute(self, run: str, echo: Echo | None = None) -> None:
         """Run every pending stage in order; the first failure stops the run and skips the rest.
 
         SIGTERM is taken as Ctrl-C here: the running stage is stopped and waited for, then the run is marked
@@ -179,27 +196,28 @@ class LocalBackend:
         finally:
             signal.signal(signal.SIGTERM, previous)
 
-    def _execute(self, run: str, echo: IO[str] | None) -> None:
+    def _execute(self, run: str, echo: Echo | None) -> None:
         stages = self.run_record(run)["stages"]
         state = self._state(run)
         for i, stage in enumerate(stages):
-            if self.store.manifest(run, stage) is not None and state.get(stage, {}).get("state") == "succeeded":
+            done = state.get(stage, {}).get("state") == StageState.SUCCEEDED
+            if done and self.store.manifest(run, stage) is not None:
                 continue
-            state[stage] = {"state": "running", "started": now(), "pid": os.getpid()}
+            state[stage] = {"state": str(StageState.RUNNING), "started": now(), "pid": os.getpid()}
             self._save_state(run, state)
             try:
                 rc, error = self._run_stage(run, stage, echo)
             except KeyboardInterrupt:
-                state[stage].update(state="cancelled", finished=now())
+                state[stage].update(state=str(StageState.CANCELLED), finished=now())
                 self._skip(run, state, stages[i + 1 :])
                 raise
             state[stage].update(finished=now(), exit_code=rc)
             if rc == 0 and self.store.manifest(run, stage) is not None:
-                state[stage]["state"] = "succeeded"
+                state[stage]["state"] = str(StageState.SUCCEEDED)
                 self._save_state(run, state)
                 continue
             error = error or f"exit code {rc}, without a manifest"
-            state[stage].update(state="failed", error=error)
+            state[stage].update(state=str(StageState.FAILED), error=error)
             self._skip(run, state, stages[i + 1 :])
             raise StageFailed(
                 f"stage {stage} of run {run} failed: {error} (full log: tunectl logs {run} --stage {stage})"
@@ -207,10 +225,10 @@ class LocalBackend:
 
     def _skip(self, run: str, state: dict[str, Any], rest: list[str]) -> None:
         for s in rest:
-            state[s] = {"state": "skipped", "reason": "an upstream stage did not succeed"}
+            state[s] = {"state": str(StageState.SKIPPED), "reason": "an upstream stage did not succeed"}
         self._save_state(run, state)
 
-    def _run_stage(self, run: str, stage: str, echo: IO[str] | None) -> tuple[int, str | None]:
+    def _run_stage(self, run: str, stage: str, echo: Echo | None) -> tuple[int, str | None]:
         work = self.store.local_dir(run)
         log_path = work / "logs" / f"{stage}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
@@ -234,7 +252,6 @@ class LocalBackend:
             "HF_HUB_DISABLE_TELEMETRY": "1",
             STATUS_ENV: str(status_path),
         }
-        error: str | None = None
         with create_fresh(log_path) as log:  # a new file: never appended to through a link left at its name
             # Its own process group (Ctrl-C in a terminal reaches this process, which stops the whole group and
             # waits for it), bound to this process's life.
@@ -246,15 +263,14 @@ class LocalBackend:
                 start_new_session=True,
                 preexec_fn=_die_with(os.getpid()),
             )
-            assert proc.stdout is not None
+            assert isinstance(proc.stdout, io.BufferedReader)  # a pipe: read1 returns what is there, as it comes
             pending = b""
             try:
                 while chunk := proc.stdout.read1(65536):
                     log.write(chunk)
                     log.flush()
                     if echo is not None:
-                        echo.write(chunk.decode("utf-8", "replace"))
-                        echo.flush()
+                        echo(chunk.decode("utf-8", "replace"))
                     pending = (pending + chunk)[-8192:]
                 rc = proc.wait()
             except BaseException:
@@ -263,59 +279,73 @@ class LocalBackend:
         self.store.put_file(f"runs/{run}/logs/{stage}.log", log_path)
         if rc == 0:
             return rc, None
-        for line in reversed(pending.decode("utf-8", "replace").splitlines()):
-            if line.startswith("error: "):
-                error = line[len("error: ") :]
-                break
+        error = error_line(pending.decode("utf-8", "replace"))
         # Never the last log line: a signal is named with the phase the stage was in.
         return rc, describe(rc, read_status_file(status_path), error)
 
     # -- inspect
-    def status(self, run: str) -> dict[str, Any]:
+    def status(self, run: str) -> RunStatus:
         record = self.run_record(run)
         state = self._state(run)
-        stages = []
-        for stage in record["stages"]:
-            s = dict(state.get(stage, {"state": "pending"}))
-            if s.get("state") == "running" and not _alive(s.get("pid")):
-                s["state"] = "interrupted"
-            elif s.get("state") == "running":
-                at = phase_text(read_status_file(self.store.local_dir(run) / "logs" / f"{stage}.status"))
-                if at:
-                    s["reason"] = f"in {at}"
-            if "started" in s:
-                end = s.get("finished") or now()
-                s["seconds"] = round(_seconds_between(s["started"], end), 1)
-            manifest = self.store.manifest(run, stage)
-            if manifest:
-                seconds = (manifest.get("timings") or {}).get("seconds")
-                if isinstance(seconds, (int, float)):
-                    s["seconds"] = seconds
-                s["metrics"] = manifest.get("metrics", {})
-                s["notes"] = manifest.get("notes", [])
-                s["files"] = len(manifest["files"])
-            s.pop("pid", None)
-            stages.append({"stage": stage, **s})
-        states = [s["state"] for s in stages]
-        overall = (
-            "succeeded"
-            if all(x == "succeeded" for x in states)
-            else "failed"
-            if "failed" in states
-            else "running"
-            if "running" in states
-            else next((x for x in states if x in ("cancelled", "interrupted")), "pending")
+        clock = datetime.now(UTC)
+        stages = [self._stage_status(run, stage, state.get(stage, {}), clock) for stage in record["stages"]]
+        return RunStatus(
+            run=run,
+            recipe=str(record.get("recipe", "?")),  # "?": a hand-edited record
+            backend=str(record.get("backend", LOCAL)),
+            state=run_state(s.state for s in stages),
+            created=str(record.get("created", "?")),
+            stages=stages,
+            path=self.store.location(run),
+            store=record.get("store"),
+            tunectl=record.get("tunectl"),
         )
-        defaults = {"run": run, "recipe": "?", "created": "?", "backend": "local"}  # a hand-edited record
-        return {**defaults, **record, "state": overall, "stages": stages, "path": self.store.location(run)}
 
-    def logs(self, run: str, stage: str | None) -> list[tuple[str, str]]:
-        record = self.run_record(run)
-        stages = record["stages"]
+    def _stage_status(self, run: str, stage: str, entry: dict[str, Any], clock: datetime) -> StageStatus:
+        raw = entry.get("state", StageState.PENDING)
+        try:
+            state = StageState(raw)
+        except (ValueError, TypeError):
+            where = f"{self.store.location(run)}/state.json"
+            problem = f"stage {stage} has state {raw!r}"
+            raise CorruptDocument(f"{where} is corrupt ({problem}): repair or remove it") from None
+        s = StageStatus(
+            stage,
+            state,
+            reason=_text(entry.get("reason")),
+            error=_text(entry.get("error")),
+            started=_text(entry.get("started")),
+            finished=_text(entry.get("finished")),
+            exit_code=entry.get("exit_code") if isinstance(entry.get("exit_code"), int) else None,
+        )
+        if s.state == StageState.RUNNING and not _alive(entry.get("pid")):
+            s.state = StageState.INTERRUPTED
+        elif s.state == StageState.RUNNING:
+            at = phase_text(read_status_file(self.store.local_dir(run) / "logs" / f"{stage}.status"))
+            if at:
+                s.reason = f"in {at}"
+        s.seconds = duration(s.started, s.finished, clock)
+        manifest = self.store.manifest(run, stage)
+        if manifest:
+            seconds = (manifest.get("timings") or {}).get("seconds")
+            if isinstance(seconds, (int, float)):
+                s.seconds = seconds
+            s.metrics = manifest.get("metrics", {})
+            s.notes = manifest.get("notes", [])
+            s.files = len(manifest["files"])
+        return s
+
+    def logs(self, run: str, stage: str | None, follow: bool = False) -> Iterator[tuple[str, str]]:
+        if follow:
+            raise ConfigError("--follow is for Kubernetes runs; a local run streams while it runs")
+        stages = self.run_record(run)["stages"]
         if stage is not None and stage not in stages:
             raise TunectlError(f"run {run} has no stage '{stage}' (stages: {', '.join(stages)})")
+        return iter(self._logs(run, [stage] if stage else stages))
+
+    def _logs(self, run: str, stages: list[str]) -> list[tuple[str, str]]:
         out = []
-        for s in [stage] if stage else stages:
+        for s in stages:
             live = self.store.local_dir(run) / "logs" / f"{s}.log"  # a running stage's log is only here yet
             text = (
                 live.read_text(errors="replace") if live.is_file() else self.store.read_text(f"runs/{run}/logs/{s}.log")
@@ -323,6 +353,13 @@ class LocalBackend:
             if text is not None:
                 out.append((s, text))
         return out
+
+    def cancel(self, run: str) -> dict[str, int]:
+        raise ConfigError("cancel is for Kubernetes runs; stop a local run with Ctrl-C")
+
+
+def _text(value: Any) -> str | None:
+    return None if value is None else str(value)
 
 
 def _interrupt(signum: int, frame: object) -> None:
@@ -361,13 +398,6 @@ def _stop(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             continue
     proc.wait()
-
-
-def _seconds_between(start: str, end: str) -> float:
-    try:
-        return (datetime.fromisoformat(end) - datetime.fromisoformat(start)).total_seconds()
-    except (TypeError, ValueError):  # a hand-edited state.json: no duration rather than no status
-        return 0.0
 
 
 def _alive(pid: int | None) -> bool:

@@ -16,9 +16,10 @@ from . import ollama, vllm
 from .contract import ContractError, check_model_dir
 from .errors import TunectlError, redact
 from .files import refuse_linked_dirs, write_atomic
-from .store import MANIFEST, Store, selected_files
+from .runmodel import STAGES
+from .stores import Store
+from .stores.manifest import MANIFEST, selected_files
 
-STAGES = ("train", "merge", "gguf")
 EXAMPLE_PROMPT = "Say hello in one short sentence."  # where the run recorded no test prompt of its own
 _GGUF = re.compile(r"-([a-z0-9_]+)\.gguf$")
 
@@ -59,7 +60,7 @@ def plan(
                 f"'s {s} stage {state}" if state in ("failed", "skipped", "running") else f" has no completed {s} stage"
             )
             raise TunectlError(f"run {run}{why} (completed: {', '.join(done) or 'none'})")
-        select = None
+        select: Callable[[str], bool] | None = None
         if s == "gguf" and quant is not None:
             have = sorted({m.group(1) for f in manifest["files"] if (m := _GGUF.search(f))})
             if quant not in have:
@@ -139,6 +140,8 @@ def to_ollama(
     # the one-line errors (unknown run, no gguf stage, no such type) come from plan
     selections = plan(store, run, "gguf", quant, only=lambda rel: rel != "Modelfile")
     manifest = selections[0].manifest
+    if quant is None:
+        raise TunectlError(f"run {run}'s gguf stage published no GGUF file: re-run it")
     name = ollama.check_name(name or f"{run}:{quant}")
     entry = smoke_entry(manifest, quant)
     transfer(store, run, dest, selections, bar)

@@ -15,25 +15,28 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 
+from .errors import TunectlError
 from .kubestatus import (
     ANN_AFTER,
     ANN_BLOCKED,
     ANN_QUEUE,
     ANN_RELEASED,
     ANN_STORE,
-    FINAL,
     KUEUE_QUEUE_LABEL,
     LABEL_RUN,
     LABEL_STAGE,
-    annotations,
-    job_outcome,
+    annotations_of,
+    job_state,
 )
+from .runmodel import FINAL, StageState
 
 # After the upstream Job succeeded, how long its manifest may take to appear before the run is failed.
 MANIFEST_GRACE_SECONDS = 120.0
+# How much longer than the watch's own timeout a watch connection may stay silent before it is dropped.
+WATCH_SLACK_SECONDS = 15
 
 
 @dataclass(frozen=True)
@@ -43,15 +46,8 @@ class Action:
     detail: str
 
 
-def stage_state(job: dict[str, Any]) -> str:
-    outcome = job_outcome(job)
-    if outcome:
-        return outcome
-    if annotations(job).get(ANN_BLOCKED):
-        return "skipped"
-    if annotations(job).get(ANN_RELEASED):
-        return "released"  # with Kueue it stays suspended until admitted
-    return "waiting" if (job.get("spec") or {}).get("suspend") else "released"
+def _plain_call(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    return fn(*args, **kwargs)
 
 
 def plan(
@@ -61,17 +57,17 @@ def plan(
     has been missing."""
     actions = []
     for stage, job in jobs.items():
-        after = annotations(job).get(ANN_AFTER)
-        if not after or stage_state(job) != "waiting":
+        after = annotations_of(job).get(ANN_AFTER)
+        if not after or job_state(job) != StageState.WAITING:
             continue
         up = jobs.get(after)
         if up is None:
             actions.append(Action("block", stage, f"upstream {after} has no Job (deleted?)"))
             continue
-        up_state = stage_state(up)
-        if up_state in ("failed", "skipped"):
+        up_state = job_state(up)
+        if up_state in (StageState.FAILED, StageState.SKIPPED):
             actions.append(Action("block", stage, f"upstream {after} {up_state}"))
-        elif up_state == "succeeded":
+        elif up_state == StageState.SUCCEEDED:
             if manifest_ready(after):
                 actions.append(Action("release", stage, f"{after} succeeded and its manifest is complete"))
             elif waited(after) > MANIFEST_GRACE_SECONDS:
@@ -80,11 +76,11 @@ def plan(
 
 
 def finished(jobs: dict[str, dict[str, Any]]) -> bool:
-    return bool(jobs) and all(stage_state(j) in FINAL for j in jobs.values())
+    return bool(jobs) and all(job_state(j) in FINAL for j in jobs.values())
 
 
 def release_patch(job: dict[str, Any], now: str) -> dict[str, Any]:
-    queue = annotations(job).get(ANN_QUEUE)
+    queue = annotations_of(job).get(ANN_QUEUE)
     patch: dict[str, Any] = {"metadata": {"annotations": {ANN_RELEASED: now}}}
     if queue:
         patch["metadata"]["labels"] = {KUEUE_QUEUE_LABEL: queue}  # Kueue admits it, then unsuspends
@@ -94,7 +90,8 @@ def release_patch(job: dict[str, Any], now: str) -> dict[str, Any]:
 
 
 class Reconciler:
-    """Drives one run to a final state. `batch` is a kubernetes.client.BatchV1Api."""
+    """Drives one run to a final state. `batch` is a kubernetes.client.BatchV1Api; every API request goes through
+    `call(fn, *args, **kwargs)`: kube.call (request timeout, retries) where the CLI builds one."""
 
     def __init__(
         self,
@@ -105,10 +102,11 @@ class Reconciler:
         open_store: Callable[[str], Any] | None = None,
         poll_seconds: float = 15.0,
         echo: Callable[[str], None] | None = None,
+        call: Callable[..., Any] = _plain_call,
     ):
-        from .store import open_store as default_open
+        from .stores import open_store as default_open
 
-        self.batch, self.namespace, self.run = batch, namespace, run
+        self.batch, self.namespace, self.run, self.call = batch, namespace, run, call
         self.open_store = open_store or default_open
         self.poll = poll_seconds
         self.echo = echo or (lambda msg: None)
@@ -127,7 +125,7 @@ class Reconciler:
 
     def _list(self) -> str:
         self.requests += 1
-        resp = self.batch.list_namespaced_job(self.namespace, label_selector=self._selector())
+        resp = self.call(self.batch.list_namespaced_job, self.namespace, label_selector=self._selector())
         self._jobs = {j.metadata.name: self._to_dict(j) for j in resp.items}
         return resp.metadata.resource_version
 
@@ -136,7 +134,7 @@ class Reconciler:
 
     def _manifest_ready(self, jobs: dict[str, dict[str, Any]]) -> Callable[[str], bool]:
         def ready(stage: str) -> bool:
-            uri = annotations(jobs[stage]).get(ANN_STORE)
+            uri = annotations_of(jobs[stage]).get(ANN_STORE)
             if not uri:
                 return False
             if uri not in self._stores:
@@ -155,13 +153,13 @@ class Reconciler:
 
     def _apply(self, action: Action, jobs: dict[str, dict[str, Any]]) -> None:
         job = jobs[action.stage]
-        now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        now = datetime.now(UTC).isoformat(timespec="seconds")
         if action.kind == "release":
             body = release_patch(job, now)
         else:
             body = {"metadata": {"annotations": {ANN_BLOCKED: action.detail}}}
         self.requests += 1
-        updated = self.batch.patch_namespaced_job(job["metadata"]["name"], self.namespace, body)
+        updated = self.call(self.batch.patch_namespaced_job, job["metadata"]["name"], self.namespace, body)
         self._jobs[job["metadata"]["name"]] = self._to_dict(updated)
         self.echo(f"{action.stage} {'released' if action.kind == 'release' else 'skipped'}: {action.detail}")
 
@@ -169,11 +167,12 @@ class Reconciler:
         """Act on the Jobs as they are now; True once every stage is final."""
         jobs = self._by_stage()
         for stage, job in jobs.items():
-            state = stage_state(job)
-            if self._seen.get(stage) != state:
-                self._seen[stage] = state
-                if state != "waiting":
-                    self.echo(f"{stage} {'started' if state == 'released' else state}")
+            state = job_state(job)
+            said = "started" if state in (StageState.PENDING, StageState.RUNNING) else str(state)
+            if self._seen.get(stage) != said:
+                self._seen[stage] = said
+                if state != StageState.WAITING:
+                    self.echo(f"{stage} {said}")
         for action in plan(jobs, self._manifest_ready(jobs), self._waited):
             self._apply(action, jobs)
         return finished(self._by_stage())
@@ -183,6 +182,7 @@ class Reconciler:
         watched and at least once per poll interval (a succeeded stage's manifest may still be on its way)."""
         from kubernetes import watch
         from kubernetes.client.exceptions import ApiException
+        from urllib3.exceptions import HTTPError
 
         deadline = None if timeout is None else time.monotonic() + timeout
         rv = self._list()
@@ -190,7 +190,7 @@ class Reconciler:
         while not done:
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
-                raise TimeoutError(f"run {self.run} not finished after {timeout:.0f}s")
+                raise TunectlError(f"run {self.run} not finished after {timeout:.0f}s")
             wait = self.poll if left is None else max(1.0, min(self.poll, left))
             self.requests += 1
             try:
@@ -201,6 +201,8 @@ class Reconciler:
                     resource_version=rv,
                     timeout_seconds=max(1, int(wait)),
                     allow_watch_bookmarks=True,
+                    # The server ends the watch after timeout_seconds; a silent connection is dropped after this.
+                    _request_timeout=max(1, int(wait)) + WATCH_SLACK_SECONDS,
                 ):
                     obj = event["object"]
                     if event["type"] == "ERROR":  # a Status, not a Job: usually 410, the window expired
@@ -224,4 +226,7 @@ class Reconciler:
                     raise
                 rv = self._list()  # the watch window expired: start over from a fresh list
                 done = self.step()
-        return {stage: stage_state(job) for stage, job in self._by_stage().items()}
+            except (HTTPError, OSError):
+                rv = self._list()  # the watch connection broke: a fresh list (retried by `call`) says where we are
+                done = self.step()
+        return {stage: str(job_state(job)) for stage, job in self._by_stage().items()}

@@ -21,10 +21,11 @@ from typing import Any, NoReturn
 import yaml
 
 from .errors import ConfigError, EnvironmentProblem, TunectlError, executable
-from .local import stages_for
+from .kubestatus import ANN_STORE, LABEL_COMPONENT, LABEL_RUN, LABEL_STAGE
 from .recipe import Recipe
 from .refs import PACKAGE_PREFIX, resolve
 from .runid import is_run_id, new_run_id
+from .runmodel import STAGES, stages_for
 
 # "<run>-reconciler" must fit a 63-character object name.
 MAX_RUN_ID = 52
@@ -191,6 +192,7 @@ def refuse_run_owned(values_files: tuple[Path, ...], sets: tuple[str, ...]) -> N
     """One line naming the file or --helm-set that sets a value the run owns."""
     if not (values_files or sets) or _owned_key(user_values(values_files, sets)) is None:
         return
+    sources: list[tuple[str, tuple[Path, ...], tuple[str, ...]]]
     sources = [(f"values file {str(f)!r}", (f,), ()) for f in values_files]
     sources += [(f"--helm-set {s!r}", (), (s,)) for s in sets]
     for what, files, one_set in sources:
@@ -212,7 +214,7 @@ def check_belongs_to_run(docs: list[dict[str, Any]], own: dict[str, Any], namesp
     for doc in docs:
         meta = doc.get("metadata") or {}
         name, labels = str(meta.get("name", "")), meta.get("labels") or {}
-        if not name.startswith(f"{run}-") or labels.get("tunectl.dev/run") != run:
+        if not name.startswith(f"{run}-") or labels.get(LABEL_RUN) != run:
             refuse(f"{doc.get('kind')} {name!r}, which is not named and labelled for the run")
         if meta.get("namespace") != namespace:
             refuse(f"{doc.get('kind')} {name!r} in namespace {meta.get('namespace')!r}, not {namespace!r}")
@@ -222,9 +224,9 @@ def check_belongs_to_run(docs: list[dict[str, Any]], own: dict[str, Any], namesp
     [cm] = configmaps
     if cm.get("data") != {"recipe.yaml": own["recipe"]}:
         refuse("a recipe ConfigMap whose data is not the recipe tunectl resolved")
-    if (cm["metadata"].get("annotations") or {}).get("tunectl.dev/store") != store:
+    if (cm["metadata"].get("annotations") or {}).get(ANN_STORE) != store:
         refuse(f"a recipe ConfigMap whose store is not {store}")
-    jobs = [d["metadata"]["labels"].get("tunectl.dev/stage") for d in docs if d.get("kind") == "Job"]
+    jobs = [d["metadata"]["labels"].get(LABEL_STAGE) for d in docs if d.get("kind") == "Job"]
     if sorted(j for j in jobs if j) != sorted(stages):
         refuse(f"stage Jobs {[j for j in jobs if j]}, not the run's stages {stages}")
 
@@ -232,11 +234,11 @@ def check_belongs_to_run(docs: list[dict[str, Any]], own: dict[str, Any], namesp
 _KIND_ORDER = {"ConfigMap": 0, "ServiceAccount": 1, "Role": 2, "RoleBinding": 3, "Job": 4}
 # Followers and the reconciler first, the first stage last: an interrupted submit never leaves a training Job
 # running without the stages that follow it.
-_STAGE_ORDER = {"reconciler": 0, "gguf": 1, "merge": 2, "train": 3}
+_STAGE_ORDER = {"reconciler": 0, **{stage: i for i, stage in enumerate(reversed(STAGES), start=1)}}
 
 
 def creation_order(doc: dict[str, Any]) -> tuple[int, int]:
-    component = doc["metadata"].get("labels", {}).get("app.kubernetes.io/component", "")
+    component = doc["metadata"].get("labels", {}).get(LABEL_COMPONENT, "")
     return _KIND_ORDER.get(doc["kind"], 9), _STAGE_ORDER.get(component, 9)
 
 

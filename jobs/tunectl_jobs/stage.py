@@ -13,7 +13,7 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -21,13 +21,13 @@ from tunectl import __version__
 from tunectl.errors import EXIT_CONFIG_ERROR, EXIT_FAILURE, ArtifactError, ConfigError, TunectlError
 from tunectl.recipe import Recipe, recipe_from_file
 from tunectl.stageexit import write_status
-from tunectl.store import Store, open_store
+from tunectl.stores import Store, open_store
 
 log = logging.getLogger("tunectl")
 
 
 def _utcnow() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+    return datetime.now(UTC).isoformat(timespec="seconds")
 
 
 @dataclass

@@ -37,13 +37,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from minio_server import pinned
 
 from .wait import wait_for
 
-# Keep in step with the Makefile (K8S_VERSION, KWOK_VERSION): the binaries live in a directory per version.
-K8S_VERSION = "v1.37.2"
-KWOK_VERSION = "v0.8.0"
-HELM_VERSION = "v3.22.0"
+# The versions the Makefile builds (versions.env): the binaries live in a directory per version.
+K8S_VERSION = pinned("K8S_VERSION")
+KWOK_VERSION = pinned("KWOK_VERSION")
+HELM_VERSION = pinned("HELM_VERSION")
 
 STAGES = Path(__file__).with_name("kwok-stages.yaml")
 LOGS_CRD = Path(__file__).with_name("kwok-logs-crd.yaml")

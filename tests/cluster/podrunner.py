@@ -305,7 +305,7 @@ def _publish_standin(pod: Any) -> int:
     (with this process's store credentials: the test's MinIO)."""
     import tempfile
 
-    from tunectl.store import open_store
+    from tunectl.stores import open_store
 
     args = list(pod.spec.containers[0].args or [])
     store_uri, run = args[args.index("--store") + 1], args[args.index("--run") + 1]

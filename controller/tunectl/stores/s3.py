@@ -1,4 +1,4 @@
-"""The S3 artifact store (AWS S3, MinIO, any S3-compatible server), with the same contract as LocalStore.
+"""The S3 artifact store (AWS S3, MinIO, any S3-compatible server): the `Store` contract (base.py) on a bucket.
 
 `s3://bucket/prefix` holds `runs/<run-id>/<stage>/...` exactly as a local store directory does. Endpoint,
 region and credentials come from the standard AWS chain (AWS_ENDPOINT_URL, AWS_REGION, AWS_ACCESS_KEY_ID /
@@ -32,13 +32,12 @@ from itertools import islice
 from pathlib import Path
 from typing import Any, TypeVar
 
-from .errors import ArtifactError, ConfigError, TunectlError, redact
-from .files import create_fresh, open_regular, read_regular
-from .store import (
+from ..errors import ArtifactError, ConfigError, TunectlError, redact
+from ..files import create_fresh, open_regular, read_regular, write_atomic
+from .base import Progress, Store
+from .manifest import (
     MANIFEST,
     StageArtifacts,
-    check_manifest,
-    completed_manifest,
     manifest_doc,
     matches,
     parse_document,
@@ -46,7 +45,6 @@ from .store import (
     selected_files,
     sha256_file,
     sha256_stream,
-    write_atomic,
 )
 
 T = TypeVar("T")
@@ -73,8 +71,6 @@ _RETRYABLE_CODES = {
 _NOT_FOUND = {"NoSuchKey", "404", "NotFound"}  # HEAD answers carry only the status
 _AUTH_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "403", "InvalidToken", "ExpiredToken"}
 
-Progress = Callable[[int], None]
-
 
 class TransientError(TunectlError):
     """The store could not be reached for long enough; retrying later may succeed."""
@@ -84,7 +80,7 @@ def _retry_seconds() -> float:
     return float(os.environ.get("TUNECTL_S3_RETRY_SECONDS", "300"))
 
 
-class S3Store:
+class S3Store(Store):
     def __init__(self, bucket: str, prefix: str = "", *, client: Any = None, cache_root: Path | None = None):
         import boto3
         from botocore.config import Config
@@ -139,14 +135,12 @@ class S3Store:
     def location(self, run: str) -> str:
         return f"{self.uri}/runs/{safe_key(run)}"
 
-    def local_dir(self, run: str) -> Path:
-        """A local working directory for a run (recipe file for the stages, logs being written)."""
-        d = self.cache / "runs" / safe_key(run)
-        d.mkdir(parents=True, exist_ok=True)
-        return d
+    def where(self, key: str) -> str:
+        return f"{self.uri}/{safe_key(key)}"
 
-    def scratch_dir(self, run: str, stage: str) -> Path:
-        d = self.local_dir(run) / ".scratch" / safe_key(stage)
+    def local_dir(self, run: str) -> Path:
+        """A directory in the local cache (recipe file for the stages, logs being written)."""
+        d = self.cache / "runs" / safe_key(run)
         d.mkdir(parents=True, exist_ok=True)
         return d
 
@@ -219,7 +213,7 @@ class S3Store:
 
     def read_json(self, key: str) -> dict[str, Any] | None:
         data = self._get_bytes(key)
-        return None if data is None else parse_document(data, f"{self.uri}/{safe_key(key)}")
+        return None if data is None else parse_document(data, self.where(key))
 
     def read_text(self, key: str) -> str | None:
         data = self._get_bytes(key)
@@ -287,10 +281,6 @@ class S3Store:
         return self._retry("claiming the run id", put)
 
     # -- stage handoff
-    def manifest(self, run: str, stage: str) -> dict[str, Any] | None:
-        doc = self.read_json(f"runs/{run}/{stage}/{MANIFEST}")
-        return None if doc is None else check_manifest(doc, f"{self.uri}/runs/{run}/{stage}/{MANIFEST}")
-
     def _head(self, key: str) -> dict[str, Any] | None:
         def head() -> dict[str, Any] | None:
             try:
@@ -366,7 +356,7 @@ class S3Store:
         progress: Progress | None = None,
     ) -> StageArtifacts:
         """Download a completed stage's files (resuming, skipping what is already here) and verify them."""
-        doc = completed_manifest(self, run, stage)
+        doc = self.completed_manifest(run, stage)
         base = dest or self.cache / "runs" / safe_key(run) / safe_key(stage)
         for rel, meta in selected_files(doc, select):
             self._download(f"runs/{run}/{stage}/{rel}", base / safe_key(rel), meta, run, stage, rel, progress)
@@ -481,7 +471,8 @@ def _socket_reader(body: Any) -> tuple[Callable[[memoryview], int], Callable[[],
     raw = getattr(body, "_raw_stream", None)
     fp = getattr(raw, "_fp", None)
     headers = getattr(raw, "headers", None) or {}
-    if fp is None or not hasattr(fp, "readinto") or headers.get("content-encoding", "identity") != "identity":
+    plain = headers.get("content-encoding", "identity") == "identity"
+    if raw is None or fp is None or not hasattr(fp, "readinto") or not plain:
         return body.readinto, lambda: None
     return fp.readinto, raw.release_conn
 
