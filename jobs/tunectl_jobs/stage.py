@@ -20,6 +20,7 @@ from typing import Any
 from tunectl import __version__
 from tunectl.errors import EXIT_CONFIG_ERROR, EXIT_FAILURE, ArtifactError, ConfigError, TunectlError
 from tunectl.recipe import Recipe, recipe_from_file
+from tunectl.runmodel import format_error
 from tunectl.stageexit import write_status
 from tunectl.stores import Store, open_store
 
@@ -141,7 +142,7 @@ def run_stage(name: str, body: Callable[[StageContext], None], argv: list[str] |
 
     def fail(e: BaseException | str, code: int) -> int:
         message = str(e)
-        print(f"error: {message}", file=sys.stderr, flush=True)
+        print(format_error(message), file=sys.stderr, flush=True)  # the line runmodel.error_line reads back
         write_status({**(ctx.where if ctx else where), "error": message})
         return code
 
