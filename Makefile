@@ -86,11 +86,11 @@ $(OLLAMA):
 # binaries, in a directory per version, so a machine that has them builds nothing; tests/cluster/controlplane.py
 # reads the same versions.env. etcd's version comes from tests/cluster/tools/go.mod (k8s.io/kubernetes requires it).
 CLUSTER_BIN  := $(TOOLS)/k8s-$(K8S_VERSION)
-K8S_BINS     := $(addprefix $(CLUSTER_BIN)/,kube-apiserver kube-controller-manager kube-scheduler etcd)
+K8S_BINS     := $(addprefix $(CLUSTER_BIN)/,kube-apiserver kube-controller-manager kube-scheduler kubelet etcd)
 KWOK         := $(TOOLS)/kwok-$(KWOK_VERSION)/kwok
 HELM         := $(TOOLS)/helm-$(HELM_VERSION)/helm
 
-# One `go build` for all four (grouped target: make runs the recipe once); they share most of their dependencies.
+# One `go build` for all five (grouped target: make runs the recipe once); they share most of their dependencies.
 # The -X flags stamp the version Kubernetes' own build scripts would: without them /version says v0.0.0-master,
 # which Helm's .Capabilities.KubeVersion and chart kubeVersion constraints would see.
 K8S_SEMVER  := $(subst ., ,$(K8S_VERSION:v%=%))
@@ -98,7 +98,8 @@ K8S_LDFLAGS := $(foreach kv,gitVersion=$(K8S_VERSION) gitMajor=$(word 1,$(K8S_SE
   gitMinor=$(word 2,$(K8S_SEMVER)) gitTreeState=clean,-X k8s.io/component-base/version.$(kv))
 $(K8S_BINS) &:
 	cd tests/cluster/tools && go build -ldflags '$(K8S_LDFLAGS)' -o $(CLUSTER_BIN)/ k8s.io/kubernetes/cmd/kube-apiserver \
-	  k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler ./cmd/etcd
+	  k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet \
+	  ./cmd/etcd
 
 $(KWOK):
 	GOBIN=$(dir $@) go install sigs.k8s.io/kwok/cmd/kwok@$(KWOK_VERSION)
@@ -106,7 +107,12 @@ $(KWOK):
 $(HELM):
 	GOBIN=$(dir $@) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
 
-cluster-tools: $(K8S_BINS) $(KWOK) $(HELM)
+# The test node's pod sandbox process (tests/cluster/node.py packs it as the node's local pause image): static.
+PAUSE := $(CLUSTER_BIN)/pause
+$(PAUSE): tests/cluster/tools/cmd/pause/main.go
+	cd tests/cluster/tools && CGO_ENABLED=0 go build -o $@ ./cmd/pause
+
+cluster-tools: $(K8S_BINS) $(PAUSE) $(KWOK) $(HELM)
 
 demo: setup
 	$(BIN)/tunectl submit ruozhiba-tiny --backend local
@@ -116,7 +122,7 @@ demo: setup
 #   test-fast  needs no Go tool, no Docker, no torch and no training: the light venv, a minute or two
 #   test-slow  everything else: the ML venv, MinIO, the control plane, kwok, Helm, Ollama, Docker (`make -j3
 #              test-slow` builds the venv and the Go tools side by side)
-SLOW_MARKS := helm or minio or cluster or docker or ollama or ml or train or gpu or e2e
+SLOW_MARKS := helm or minio or cluster or node or docker or ollama or ml or train or gpu or e2e
 # TUNECTL_TOOLS: the tests find the Go tools where this Makefile put them, even with TOOLS overridden.
 TEST_ENV   := TUNECTL_CACHE=$(CACHE) TUNECTL_TOOLS=$(TOOLS) TUNECTL_HELM=$(HELM)
 PYTEST_ARGS ?=

@@ -19,13 +19,15 @@ REPO = Path(__file__).resolve().parents[1]
 # checked here: no CI machine has a GPU (test_gpu_unsloth.py skips by itself), and e2e needs what `ml` needs.
 CI = os.environ.get("TUNECTL_CI") == "1"
 ML_MODULES = ("torch", "transformers", "datasets", "peft", "trl", "llama_cpp")
-NEEDS = ("helm", "minio", "cluster", "docker", "ollama", "ml", "train", "e2e")
+NEEDS = ("helm", "minio", "cluster", "node", "docker", "ollama", "ml", "train", "e2e")
 # Fixtures that start a tool mark the tests that use them, so a new test is placed in its tier by what it uses.
 FIXTURE_MARKS = {
     "minio": "minio",
     "bucket": "minio",
     "cluster": "cluster",
     "namespace": "cluster",
+    "node": "node",
+    "node_images": "node",
     "images": "docker",
     "ollama_server": "ollama",
 }
@@ -46,10 +48,17 @@ def missing(need: str) -> str | None:
     if need == "cluster":  # and Helm, which tunectl renders every Kubernetes run with
         if os.environ.get("TUNECTL_TEST_KUBECONFIG"):
             return missing("helm")
-        from cluster.controlplane import binaries
+        from cluster.controlplane import COMPONENTS, binaries
 
-        absent = [str(p) for p in binaries().values() if not p.is_file()]
+        absent = [str(p) for name, p in binaries().items() if name in COMPONENTS and not p.is_file()]
         return f"no {', '.join(absent)}: `make cluster-tools` builds them" if absent else missing("helm")
+    if need == "node":  # the test cluster's real node (kubelet + containerd), or an external cluster's nodes
+        if os.environ.get("TUNECTL_TEST_KUBECONFIG"):
+            return None
+        from cluster.node import missing_host_tools
+
+        absent = missing_host_tools()
+        return f"the test node cannot run here: no {', '.join(absent)}" if absent else None
     if need == "docker":
         return None if docker_engine() else "no Docker engine answers here (CI starts one with .ci/docker-up)"
     if need == "ollama":
@@ -244,6 +253,37 @@ def cluster(tmp_path_factory):
         yield cp
     finally:
         cp.stop()
+
+
+@pytest.fixture(scope="session")
+def node(cluster, tmp_path_factory):
+    """Where pods really run: the test control plane's real node, `localhost` (kubelet + containerd on this host,
+    tests/cluster/node.py; fake nvidia.com/gpu capacity), which must leave nothing behind when it stops. For an
+    external cluster, its own nodes: `values()` adds nothing and images are yours to load (`kind load`)."""
+    requires("node")
+    if not cluster.kwok:
+        from cluster.node import ExternalNodes
+
+        yield ExternalNodes()
+        return
+    from cluster.node import RealNode
+
+    real = RealNode(cluster, tmp_path_factory.mktemp("node"))
+    real.start()
+    try:
+        yield real
+    finally:
+        real.stop()
+    left = real.leftovers()
+    assert not left, f"the test node left behind: {left}"
+
+
+@pytest.fixture(scope="session")
+def node_images(node, images) -> list[str]:
+    """The four images, built as `make images-local` builds them, imported into the node's containerd."""
+    refs = [f"tunectl-{name}:{images.tag}" for name in ("train", "export", "gguf", "controller")]
+    node.import_images(images.docker, refs)
+    return refs
 
 
 @pytest.fixture

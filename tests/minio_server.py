@@ -82,7 +82,9 @@ class MinioServer:
                     "server",
                     str(self.data_dir),
                     "--address",
-                    f"127.0.0.1:{self.port}",
+                    # 127.0.0.1 here; a cluster whose pods are not on this host's network (kind) needs 0.0.0.0 and
+                    # TUNECTL_TEST_POD_S3_HOST (docs/kubernetes.md).
+                    f"{os.environ.get('TUNECTL_TEST_MINIO_LISTEN') or '127.0.0.1'}:{self.port}",
                     "--console-address",
                     f"127.0.0.1:{self.console_port}",
                     "--quiet",

@@ -292,3 +292,40 @@ def test_chart_and_image_tags_follow_the_project_version():
     chart = yaml.safe_load((chart_dir() / "Chart.yaml").read_text())
     values = yaml.safe_load((chart_dir() / "values.yaml").read_text())
     assert tunectl.__version__ == version == chart["appVersion"] == values["image"]["tag"]
+
+
+def test_pods_without_a_pod_network_use_the_hosts_and_reach_the_api_server_where_told(recipe):
+    """hostNetwork for every pod; the reconciler's API address replaces the in-cluster Service's; it follows its
+    own placement values, not the GPU stages' scheduling defaults."""
+    sets = [
+        "hostNetwork=true",
+        "reconciler.apiServer.host=10.0.0.10",
+        "reconciler.apiServer.port=6443",
+        "reconciler.nodeSelector.pool=system",
+        "scheduling.nodeSelector.pool=gpu",
+    ]
+    jobs = {j["metadata"]["name"].rsplit("-", 1)[1]: j for j in by_kind(rendered(recipe, sets), "Job")}
+    assert set(jobs) == {"train", "merge", "gguf", "reconciler"}
+    for name, job in jobs.items():
+        pod = job["spec"]["template"]["spec"]
+        assert (pod["hostNetwork"], pod["dnsPolicy"]) == (True, "ClusterFirstWithHostNet"), name
+        assert pod["nodeSelector"] == {"pool": "system" if name == "reconciler" else "gpu"}, name
+    env = {e["name"]: e.get("value") for e in jobs["reconciler"]["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert (env["KUBERNETES_SERVICE_HOST"], env["KUBERNETES_SERVICE_PORT"]) == ("10.0.0.10", "6443")
+    defaults = {j["metadata"]["name"]: j for j in by_kind(rendered(recipe), "Job")}
+    for job in defaults.values():
+        pod = job["spec"]["template"]["spec"]
+        assert "hostNetwork" not in pod and "dnsPolicy" not in pod
+        assert not any(e["name"].startswith("KUBERNETES_") for e in pod["containers"][0].get("env", []))
+
+
+def test_the_api_server_address_needs_host_and_port(recipe):
+    with pytest.raises(ConfigError, match="reconciler.apiServer: set both host and port, or neither"):
+        rendered(recipe, ["reconciler.apiServer.host=10.0.0.10"])
+
+
+def test_no_pod_runs_its_program_as_pid_1(recipe):
+    """A Python PID 1 ignores SIGTERM (the kernel drops signals to a namespace's init without a handler), so every
+    pod shares its process namespace and the sandbox's pause process is PID 1."""
+    for job in by_kind(rendered(recipe), "Job"):
+        assert job["spec"]["template"]["spec"]["shareProcessNamespace"] is True, job["metadata"]["name"]

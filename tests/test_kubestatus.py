@@ -64,6 +64,26 @@ def test_unschedulable_names_the_missing_resource_without_the_preemption_postscr
 def test_image_pull_backoff():
     s = stage_status("train", job(active=1), [pod("Pending", node="n1", waiting="ImagePullBackOff")])
     assert s["state"] == "pending" and s["reason"].startswith("ImagePullBackOff: Back-off pulling image")
+    assert s["reason"].endswith("(check image.registry, image.tag and imagePullSecrets)")
+
+
+def test_an_image_not_on_the_node_says_how_to_get_it_there():
+    s = stage_status("train", job(active=1), [pod("Pending", node="n1", waiting="ErrImageNeverPull")])
+    assert s["reason"].startswith("ErrImageNeverPull: ")
+    assert s["reason"].endswith("(load the image onto the node, or set image.pullPolicy to pull it)")
+
+
+def test_a_pod_lost_to_a_disruption_is_retried_without_counting_it():
+    evicted = pod("Failed", created="2026-11-27T10:00:00Z", terminated={"exitCode": 143, "reason": "Error"})
+    evicted["status"]["conditions"].append(
+        {"type": "DisruptionTarget", "status": "True", "reason": "EvictionByEvictionAPI"}
+    )
+    pods = [evicted, pod("Running", created="2026-11-27T10:05:00Z", node="gpu-2")]
+    s = stage_status("train", job(active=1), pods)
+    assert s["state"] == "running" and "attempts" not in s
+    assert s["reason"] == (
+        "on node gpu-2; retrying after a disruption (EvictionByEvictionAPI), not counted as a failure"
+    )
 
 
 def test_running_names_the_node():

@@ -2,8 +2,8 @@
 can act on. The label and annotation keys the chart, the backend and the reconciler share live here.
 
 Pure functions over the objects as the API returns them (camelCase dicts), so every reason is testable
-without a cluster: waiting for upstream, unschedulable (Insufficient nvidia.com/gpu), image pull errors,
-OOMKilled, failed with exit code N, succeeded.
+without a cluster: waiting for upstream, unschedulable (Insufficient nvidia.com/gpu), image pull errors (with
+what to change), OOMKilled, killed by a signal, retried after a disruption, failed with exit code N, succeeded.
 """
 
 from __future__ import annotations
@@ -70,13 +70,33 @@ def _terminated(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+# What to change when a container cannot start for want of its image.
+_IMAGE_FIXES = {
+    "ErrImageNeverPull": "load the image onto the node, or set image.pullPolicy to pull it",
+    "ErrImagePull": "check image.registry, image.tag and imagePullSecrets",
+    "ImagePullBackOff": "check image.registry, image.tag and imagePullSecrets",
+    "InvalidImageName": "check image.registry and the stage's image",
+}
+
+
 def _waiting_reason(pod: dict[str, Any]) -> str | None:
     for cs in (pod.get("status") or {}).get("containerStatuses") or []:
         w = (cs.get("state") or {}).get("waiting")
         if w and w.get("reason") not in (None, "ContainerCreating", "PodInitializing"):
             msg = (w.get("message") or "").strip()
-            return f"{w['reason']}: {msg}" if msg else w["reason"]
+            text = f"{w['reason']}: {msg}" if msg else w["reason"]
+            fix = _IMAGE_FIXES.get(w["reason"])
+            return f"{text} ({fix})" if fix else text
     return None
+
+
+def _disruption(pod: dict[str, Any]) -> str | None:
+    """Why a pod was disrupted (evicted, preempted, its node drained or lost), from its DisruptionTarget condition:
+    the chart's podFailurePolicy retries such a pod without counting it against backoffLimit."""
+    cond = condition(pod, "DisruptionTarget")
+    if cond is None:
+        return None
+    return cond.get("reason") or "disrupted"
 
 
 def _unschedulable(pod: dict[str, Any]) -> str | None:
@@ -147,7 +167,7 @@ def stage_status(stage: str, job: dict[str, Any] | None, pods: list[dict[str, An
             reason = _exit_text(term)
         else:
             reason = cond.get("message") or cond.get("reason") or "failed"
-        if cond.get("reason") == "BackoffLimitExceeded":
+        if cond.get("reason") == "BackoffLimitExceeded" and attempts > 1:
             reason += f" (after {attempts} attempts)"
         elif cond.get("reason") == "DeadlineExceeded":
             reason = "ran past its activeDeadlineSeconds"
@@ -168,7 +188,11 @@ def stage_status(stage: str, job: dict[str, Any] | None, pods: list[dict[str, An
     retry_note = ""
     if failed_pods:
         term = _terminated(failed_pods[0])
-        retry_note = f"; retrying after {_exit_text(term) if term else 'a failed pod'}"
+        disrupted = _disruption(failed_pods[0])
+        if disrupted:
+            retry_note = f"; retrying after a disruption ({disrupted}), not counted as a failure"
+        else:
+            retry_note = f"; retrying after {_exit_text(term) if term else 'a failed pod'}"
     if not live:
         out.state, out.reason = StageState.PENDING, "creating its pod" + retry_note
         return out

@@ -78,9 +78,9 @@ def helm_path() -> Path:
 
 
 def binaries() -> dict[str, Path]:
-    """Where `make cluster-tools` puts each component."""
+    """Where `make cluster-tools` puts each component, and the real node's kubelet and pause (tests/cluster/node.py)."""
     k8s = tools_dir() / f"k8s-{K8S_VERSION}"
-    bins = {name: k8s / name for name in COMPONENTS if name != "kwok"}
+    bins = {name: k8s / name for name in (*COMPONENTS, "kubelet", "pause") if name != "kwok"}
     bins["kwok"] = tools_dir() / f"kwok-{KWOK_VERSION}" / "kwok"
     return bins
 
@@ -198,7 +198,7 @@ class ControlPlane(_ClientSide):
 
     def __init__(self, workdir: Path):
         self.bins = binaries()
-        missing = [str(p) for p in self.bins.values() if not p.is_file()]
+        missing = [str(self.bins[c]) for c in COMPONENTS if not self.bins[c].is_file()]
         if missing:
             raise ClusterError(f"Kubernetes test binaries missing ({', '.join(missing)}): run `make cluster-tools`")
         self.workdir = Path(workdir)
@@ -209,6 +209,7 @@ class ControlPlane(_ClientSide):
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
         self.timings: dict[str, float] = {}  # seconds from start() until each step was done
         self._token = ""
+        self.node_token = ""  # the real node's kubelet credentials (tests/cluster/node.py): system:node:localhost
         self._node_seq: dict[str, int] = {}
         self.port = self._etcd_port = self._kwok_port = 0
 
@@ -374,12 +375,21 @@ class ControlPlane(_ClientSide):
         _serving_cert(w, "apiserver", apiserver_names)
         # kwok's kubelet API, which the apiserver calls for pods/log and verifies (--kubelet-certificate-authority).
         _serving_cert(w, "kubelet", "IP:127.0.0.1")
+        # The apiserver's client certificate for kubelets: a real kubelet authenticates it (x509) and asks the
+        # apiserver whether it may (system:masters may).
+        _client_cert(w, "apiserver-kubelet-client", "/O=system:masters/CN=kube-apiserver-kubelet-client")
         if sa_key.wait() != 0:
             raise ClusterError(f"openssl genpkey failed: {sa_key.stderr.read().decode() if sa_key.stderr else ''}")
         _openssl(w, "pkey", "-in", "sa.key", "-pubout", "-out", "sa.pub")
 
         self._token = secrets.token_urlsafe(32)
-        _write_private(w / "tokens.csv", f"{self._token},admin,admin-uid,system:masters\n")
+        self.node_token = secrets.token_urlsafe(32)
+        # The real node's identity is a node's: the Node authorizer and NodeRestriction limit it to its own pods.
+        _write_private(
+            w / "tokens.csv",
+            f"{self._token},admin,admin-uid,system:masters\n"
+            f"{self.node_token},system:node:localhost,node-localhost-uid,system:nodes\n",
+        )
         # Only ServiceAccount requests: what the tunectl controller does, countable per identity; the control plane
         # components and tests act as admin and stay out of the log. RequestReceived would double every request.
         (w / "audit-policy.yaml").write_text(
@@ -436,16 +446,19 @@ class ControlPlane(_ClientSide):
             f"--service-account-key-file={w / 'sa.pub'}",
             f"--service-account-signing-key-file={w / 'sa.key'}",
             f"--token-auth-file={w / 'tokens.csv'}",
-            "--authorization-mode=RBAC",
+            "--authorization-mode=Node,RBAC",
+            "--enable-admission-plugins=NodeRestriction",
             f"--service-cluster-ip-range={SERVICE_CIDR}",
             f"--audit-policy-file={w / 'audit-policy.yaml'}",
             f"--audit-log-path={self.audit_log}",
             "--audit-log-format=json",
             "--profiling=false",
-            # pods/log goes to the node's kubelet: kwok, at the InternalIP and port each fake node reports. The
-            # default order tries the Hostname address first, the node name, which resolves nowhere.
-            "--kubelet-preferred-address-types=InternalIP",
+            # pods/log goes to the node's kubelet: the real node's at its Hostname, `localhost` (a kubelet refuses a
+            # loopback InternalIP); kwok's at the InternalIP and port each fake node reports (they have no Hostname).
+            "--kubelet-preferred-address-types=Hostname,InternalIP",
             f"--kubelet-certificate-authority={self.ca_file}",
+            f"--kubelet-client-certificate={w / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={w / 'apiserver-kubelet-client.key'}",
         ]
 
     def _controller_manager_args(self) -> list[str]:
@@ -609,6 +622,19 @@ def _serving_cert(cwd: Path, name: str, san: str) -> None:
         f"subjectAltName = {san}\n"
     )
     _openssl(cwd, "req", "-new", *_EC, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", f"/CN={name}")
+    _openssl(
+        cwd, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-days", "7",
+        "-set_serial", "0x" + secrets.token_hex(8), "-extfile", f"{name}.cnf", "-out", f"{name}.crt",
+    )  # fmt: skip
+
+
+def _client_cert(cwd: Path, name: str, subject: str) -> None:
+    """`name`.key and `name`.crt: a TLS client certificate for `subject` (O= groups, CN= user) signed by the CA."""
+    (cwd / f"{name}.cnf").write_text(
+        "basicConstraints = critical,CA:FALSE\nkeyUsage = critical,digitalSignature,keyEncipherment\n"
+        "extendedKeyUsage = clientAuth\n"
+    )
+    _openssl(cwd, "req", "-new", *_EC, "-keyout", f"{name}.key", "-out", f"{name}.csr", "-subj", subject)
     _openssl(
         cwd, "x509", "-req", "-in", f"{name}.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-days", "7",
         "-set_serial", "0x" + secrets.token_hex(8), "-extfile", f"{name}.cnf", "-out", f"{name}.crt",

@@ -1,4 +1,7 @@
-"""The container runtime that kwok does not have, named for what it is: a stand-in kubelet executor.
+"""The container runtime that kwok does not have, named for what it is: a stand-in kubelet executor for the pods of
+kwok's fake nodes. Pods that must run as a kubelet runs them (images, cgroups, signals) run on the test cluster's
+real node instead (tests/cluster/node.py); this runs what the kwok-only tests need: a pod's command as a local
+process from this checkout, or an exit the test chooses.
 
 kwok makes pods look scheduled and running; nothing runs in them. PodRunner watches a namespace and, for each
 pod that kwok reports Running, does what a kubelet would: materialises its volumes (ConfigMap files, emptyDirs)
@@ -27,8 +30,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 EXIT_ANNOTATION = "tunectl.test/exit-code"
 REASON_ANNOTATION = "tunectl.test/reason"
 MESSAGE_ANNOTATION = "tunectl.test/message"
@@ -44,14 +45,10 @@ class PodRunner:
         namespace: str,
         workdir: Path,
         modes: dict[str, Any] | None = None,
-        docker: str | None = None,
     ):
-        """`docker`: a Docker client; pods then run as containers of their images (as the kubelet would run
-        them: same user, read-only root, no capabilities, volumes at their mount paths, in-cluster API access),
-        on the host network so they reach the test's MinIO and API server on 127.0.0.1."""
         from kubernetes import client
 
-        self.cluster, self.namespace, self.workdir, self.docker = cluster, namespace, workdir, docker
+        self.cluster, self.namespace, self.workdir = cluster, namespace, workdir
         self.core = client.CoreV1Api(cluster.api_client())
         self.custom = client.CustomObjectsApi(self.core.api_client)
         self.modes = modes or {}  # component -> RUN | int exit code | "publish"
@@ -122,14 +119,8 @@ class PodRunner:
         message_file.touch()
         message_file.chmod(0o666)
         message_path = container.termination_message_path or "/dev/termination-log"
-        if self.docker:
-            cmd = self._docker_command(pod, container, mounts, root, files={message_path: message_file})
-            env = dict(os.environ)
-        else:
-            env = self._env(pod, container, {**mounts, message_path: message_file}, root)
-            cmd = [
-                _rewrite(a, mounts) for a in _expand(list(container.command or []) + list(container.args or []), env)
-            ]
+        env = self._env(pod, container, {**mounts, message_path: message_file}, root)
+        cmd = [_rewrite(a, mounts) for a in _expand(list(container.command or []) + list(container.args or []), env)]
         if cmd[:1] == ["python"]:
             cmd[0] = sys.executable
         elif cmd[:1] == ["tunectl"]:
@@ -143,7 +134,7 @@ class PodRunner:
         message = message_file.read_text(errors="replace")[-4096:]  # the kubelet keeps at most 4096 bytes
         if message:
             self._annotate(pod, {MESSAGE_ANNOTATION: message})
-        # A runtime reports a process killed by signal N as exit code 128 + N (`docker run` does so itself).
+        # A runtime reports a process killed by signal N as exit code 128 + N.
         self._report(pod, 128 - rc if rc < 0 else rc)
 
     def _serve_log(self, pod: Any, container: str, root: Path) -> Path:
@@ -185,67 +176,13 @@ class PodRunner:
             by_name[vol.name] = host
         return {m.mount_path: by_name[m.name] for m in container.volume_mounts or [] if m.mount_path != "/dev/shm"}
 
-    def _docker_command(
-        self, pod: Any, container: Any, mounts: dict[str, Path], root: Path, files: dict[str, Path]
-    ) -> list[str]:
-        """`docker run` for the pod's container: `mounts` are volume directories, `files` single files (the
-        termination message), each bind-mounted at its path in the container."""
-        sc = pod.spec.security_context
-        csc = container.security_context
-        cmd = [self.docker, "run", "--rm", "--name", f"{self.namespace}-{pod.metadata.name}"[:120], "--network", "host"]
-        if sc and sc.run_as_user is not None:
-            cmd += ["--user", f"{sc.run_as_user}:{sc.run_as_group if sc.run_as_group is not None else 0}"]
-        if csc and csc.read_only_root_filesystem:
-            cmd.append("--read-only")
-        if csc and csc.capabilities and "ALL" in (csc.capabilities.drop or []):
-            cmd += ["--cap-drop", "ALL"]
-        if csc and csc.allow_privilege_escalation is False:
-            cmd += ["--security-opt", "no-new-privileges"]
-        shm = next((v.empty_dir.size_limit for v in pod.spec.volumes or [] if v.name == "dshm" and v.empty_dir), None)
-        if shm:
-            cmd += ["--shm-size", shm.replace("Gi", "g").replace("Mi", "m")]
-        sa_path = "/var/run/secrets/kubernetes.io/serviceaccount"  # the API's projected volume: filled below
-        for mount_path, host in mounts.items():
-            if mount_path == sa_path:
-                continue
-            for d in [host, *host.rglob("*")]:
-                d.chmod(0o777 if d.is_dir() else 0o644)  # an emptyDir is writable by the pod's user
-            cmd += ["-v", f"{host}:{mount_path}"]
-        env = self._env(pod, container, {}, root, for_container=True)
-        if pod.spec.automount_service_account_token and pod.spec.service_account_name:
-            # What the kubelet mounts, so the container finds the API with its in-cluster configuration.
-            sa = root / "serviceaccount"
-            sa.mkdir(exist_ok=True)
-            kubeconfig = yaml.safe_load(Path(env.pop("KUBECONFIG")).read_text())
-            (sa / "token").write_text(kubeconfig["users"][0]["user"]["token"])
-            (sa / "namespace").write_text(self.namespace)
-            (sa / "ca.crt").write_bytes(
-                base64.b64decode(kubeconfig["clusters"][0]["cluster"]["certificate-authority-data"])
-            )
-            for f in sa.iterdir():
-                f.chmod(0o644)
-            cmd += ["-v", f"{sa}:{sa_path}:ro"]
-            host, port = self.cluster.server.removeprefix("https://").rsplit(":", 1)
-            env |= {"KUBERNETES_SERVICE_HOST": host, "KUBERNETES_SERVICE_PORT": port}
-        for path, host in files.items():
-            cmd += ["-v", f"{host}:{path}"]
-        for k, v in env.items():
-            cmd += ["-e", f"{k}={v}"]
-        argv = _expand(list(container.command or []) + list(container.args or []), env)
-        return cmd + ["--entrypoint", argv[0], container.image, *argv[1:]]
-
-    def _env(
-        self, pod: Any, container: Any, mounts: dict[str, Path], root: Path, for_container: bool = False
-    ) -> dict[str, str]:
+    def _env(self, pod: Any, container: Any, mounts: dict[str, Path], root: Path) -> dict[str, str]:
         from tunectl_jobs.llamacpp import tree_dir
 
-        if for_container:
-            env = {"AWS_EC2_METADATA_DISABLED": "true"}  # the rest comes from the pod spec and the image
-        else:
-            env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "PYTHONPATH", "TUNECTL_HELM")}
-            # What the stage images' ENV provides: where the pinned llama.cpp converter tree is baked in.
-            env["TUNECTL_LLAMA_CPP_DIR"] = str(tree_dir())
-            env["AWS_EC2_METADATA_DISABLED"] = "true"
+        env = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "PYTHONPATH", "TUNECTL_HELM")}
+        # What the stage images' ENV provides: where the pinned llama.cpp converter tree is baked in.
+        env["TUNECTL_LLAMA_CPP_DIR"] = str(tree_dir())
+        env["AWS_EC2_METADATA_DISABLED"] = "true"
         for e in container.env or []:
             if e.value is not None:
                 env[e.name] = _rewrite(e.value, mounts)
@@ -257,7 +194,7 @@ class PodRunner:
                 path = e.value_from.field_ref.field_path
                 env[e.name] = {"metadata.namespace": self.namespace, "metadata.name": pod.metadata.name}[path]
         for d in ("HOME", "TMPDIR", "HF_HOME"):
-            if d in env and not for_container:
+            if d in env:
                 Path(env[d]).mkdir(parents=True, exist_ok=True)
         if pod.spec.automount_service_account_token and pod.spec.service_account_name:
             kubeconfig = root / "kubeconfig"

@@ -67,6 +67,21 @@ tunectl.dev/stage: {{ . | quote }}
 {{- end }}
 {{- end -}}
 
+{{/* The pod's sandbox process is PID 1, not the program: the kernel drops a signal sent to a namespace's init
+process that set no handler for it, so a Python PID 1 would ignore SIGTERM (eviction, preemption, cancel: the pod
+waits out its grace period and dies of SIGKILL) and could not re-raise a fatal signal after reporting it. */}}
+{{- define "tunectl.notPid1" -}}
+shareProcessNamespace: true
+{{- end }}
+
+{{/* The node's network for a pod, where the values ask for it; its DNS then stays the cluster's. */}}
+{{- define "tunectl.hostNetwork" -}}
+{{- if .Values.hostNetwork -}}
+hostNetwork: true
+dnsPolicy: ClusterFirstWithHostNet
+{{- end -}}
+{{- end }}
+
 {{/* A stage's scheduling setting, or the shared default when the stage leaves it empty. */}}
 {{- define "tunectl.pick" -}}
 {{- $own := index .stage .key -}}
@@ -121,12 +136,14 @@ spec:
       {{- end }}
     spec:
       restartPolicy: Never
+      {{- include "tunectl.notPid1" . | nindent 6 }}
       # Stages talk to the store, never to the Kubernetes API.
       automountServiceAccountToken: false
       {{- with $root.Values.imagePullSecrets }}
       imagePullSecrets: {{ toYaml . | nindent 8 }}
       {{- end }}
       securityContext: {{ toYaml $root.Values.podSecurityContext | nindent 8 }}
+      {{- include "tunectl.hostNetwork" $root | nindent 6 }}
       {{- with include "tunectl.pick" (dict "root" $root "stage" $s "key" "nodeSelector") }}
       nodeSelector: {{ . | nindent 8 }}
       {{- end }}
