@@ -308,3 +308,58 @@ def test_a_gguf_whose_llama_cpp_crashes_fails_the_export_and_names_the_file(
     assert "error" in by_type["q4_k_m"]
     for t in ("q8_0", "f16"):
         assert by_type[t]["finish_reason"] == "stop" and by_type[t]["cpu_variant"] in llamarun.cpu_variants()
+
+
+@pytest.mark.parametrize("finished_run", ["dir"], indirect=True)  # its uninterrupted losses are the reference
+def test_a_local_run_stopped_mid_training_resumes_with_the_same_losses(finished_run, tmp_path):
+    """SIGTERM to `tunectl submit` in the middle of training: the train stage finishes its step, saves a checkpoint
+    to the store and exits 75; the run is cancelled and `status` shows the checkpoint. `tunectl resume` goes on from
+    it, and every step's loss equals the uninterrupted run's (same data order, same RNG); once train has published,
+    its checkpoints are gone."""
+    import select
+    import signal
+    import time
+
+    store = tmp_path / "store"
+    env = {**os.environ, "TUNECTL_STORE": str(store), "TUNECTL_BACKEND": "local"}
+    cli = [sys.executable, "-m", "tunectl.cli"]
+    # No gguf stage: the losses are the point, and the recipe's training part is the reference run's.
+    submit = subprocess.Popen(
+        [*cli, "submit", "ruozhiba-tiny", "--set", "export.gguf=[]"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        env=env,
+    )  # fmt: skip
+    assert submit.stderr is not None
+    seen, deadline = b"", time.monotonic() + 900
+    while time.monotonic() < deadline:  # the progress bar on stderr: stop at step 12 of 40
+        if select.select([submit.stderr], [], [], 1)[0]:
+            seen += os.read(submit.stderr.fileno(), 65536)
+        if re.search(rb"\b1[2-9]/40 \[", seen) or submit.poll() is not None:
+            break
+    submit.send_signal(signal.SIGTERM)
+    out, err = submit.communicate(timeout=120)
+    text = (seen + err).decode(errors="replace")
+    run = re.search(r"^run (\S+): stages train -> merge", text, re.M).group(1)
+    assert submit.returncode == 130, text[-3000:]
+    assert f"run {run} cancelled (`tunectl resume {run}` goes on)" in text
+    step = int(re.search(r"checkpoint at step (\d+) saved to the store \(sigterm", text).group(1))
+    assert 12 <= step < 40
+
+    status = subprocess.run([*cli, "status", run], capture_output=True, text=True, env=env).stdout
+    assert re.search(rf"^train\s+cancelled .*checkpoint at step {step} \(\d+s old, sigterm\)", status, re.M), status
+
+    resumed = subprocess.run([*cli, "resume", run], capture_output=True, text=True, env=env, timeout=1800)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {step} (checkpoint in the store)" in resumed.stderr
+    assert f"run {run} (ruozhiba-tiny, local): succeeded" in resumed.stdout
+    assert f"note (train): resumed from step {step}" in resumed.stdout
+
+    reference = json.loads((Path(finished_run.store) / "runs" / finished_run.run / "train" / "loss.json").read_text())
+    losses = json.loads((store / "runs" / run / "train" / "loss.json").read_text())
+    assert [h["step"] for h in losses] == [h["step"] for h in reference] == list(range(1, 41))
+    for ours, theirs in zip(losses, reference, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4, abs=1e-4), (ours, theirs)
+    assert not (store / "runs" / run / "checkpoints" / "train").exists()
+    again = subprocess.run([*cli, "resume", run], capture_output=True, text=True, env=env)
+    assert (
+        again.returncode == 78 and again.stderr.strip() == f"error: run {run} has already succeeded: nothing to resume"
+    )

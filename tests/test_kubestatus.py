@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from tunectl import kubestatus, runmodel
 from tunectl.reconcile import finished, plan, release_patch
 
@@ -176,3 +178,18 @@ def test_release_patch_with_and_without_kueue():
     assert plain["spec"] == {"suspend": False}
     queued = release_patch(job("r-merge", suspend=True, annotations={"tunectl.dev/queue-name": "gpu"}), "now")
     assert "spec" not in queued and queued["metadata"]["labels"] == {"kueue.x-k8s.io/queue-name": "gpu"}
+
+
+def test_a_stage_preempted_after_saving_a_checkpoint_is_resuming():
+    error = "stopped by SIGTERM at step 12: checkpoint saved, a retry resumes from it"
+    message = json.dumps({"stage": "train", "phase": "train", "error": error})
+    stopped = pod(
+        "Failed", created="2026-11-27T10:00:00Z", terminated={"exitCode": 75, "reason": "Error", "message": message}
+    )
+    pods = [stopped, pod("Running", created="2026-11-27T10:05:00Z", node="gpu-2")]
+    s = stage_status("train", job(active=1), pods)
+    assert s["state"] == "running"
+    assert s["reason"] == (
+        "on node gpu-2; resuming after it was preempted (exit code 75): stopped by SIGTERM at step 12: checkpoint "
+        "saved, a retry resumes from it"
+    )

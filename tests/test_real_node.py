@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -305,3 +306,43 @@ def _container_pids(pod_uid: str, needle: bytes) -> list[int]:
         except OSError:
             pass
     return pids
+
+
+def test_a_train_pod_deleted_three_times_resumes_from_its_checkpoints_and_counts_no_failure(kube):
+    """Each deletion sends the train container SIGTERM; it saves a checkpoint to MinIO within the grace period and
+    exits 75, which the chart's podFailurePolicy ignores; the Job's next pod resumes from the checkpoint. Even with
+    backoffLimit 0 the run finishes, and the Job counts no failure."""
+    from tunectl.stores import open_store
+
+    run = kube.submit(
+        "--set", "export.gguf=[]", "--set", "export.merged_16bit=false", "--set", "export.lora=false",
+        "--helm-set", "stages.train.backoffLimit=0",
+    )  # fmt: skip
+    core = kube.backend().cluster.core
+    deleted: list[str] = []
+    for _ in range(3):
+        # A pod in training: the first one past a few steps, each later one once it has resumed.
+        def training():
+            for pod in kube.pods(run, "train"):
+                if pod.metadata.name in deleted or pod.status.phase != "Running":
+                    continue
+                log = pod_log(kube, pod)
+                if deleted and "resumed from step" not in log:
+                    continue
+                if re.search(r"\b([3-9]|\d\d)/40 \[", log.rsplit("resumed from step", 1)[-1]):
+                    return pod
+            return None
+
+        pod = wait_for(training, 600, "a train pod in training", interval=1.0)
+        core.delete_namespaced_pod(pod.metadata.name, kube.namespace)
+        deleted.append(pod.metadata.name)
+    final = wait_for(lambda: (st := kube.status(run))["state"] in ("succeeded", "failed") and st, 900, "the run")
+    assert final["state"] == "succeeded", final
+    job = kube.jobs(run)["train"]
+    assert not job.status.failed and job.status.succeeded == 1
+    manifest = open_store(kube.store).manifest(run, "train")
+    assert manifest["metrics"]["steps"] == 40
+    resumed_from = [int(n) for n in re.findall(r"resumed from step (\d+)", " ".join(manifest["notes"]))]
+    assert len(resumed_from) == 1 and 3 <= resumed_from[0] < 40  # the last pod's resume
+    assert f"resumed from step {resumed_from[0]}" in kube.cli("status", run).stdout
+    assert open_store(kube.store).read_json(f"runs/{run}/checkpoints/train/latest.json") is None  # cleaned up

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from .errors import ConfigError
+
 if TYPE_CHECKING:
     from .recipe import Recipe
     from .runmodel import RunStatus
@@ -89,6 +91,13 @@ class Backend(ABC):
     @abstractmethod
     def cancel(self, run: str) -> dict[str, int]:
         """Stop the run; what was deleted, by kind. Artifacts in the store are kept."""
+
+    def resume(self, run: str, echo: Echo | None) -> RunStatus:
+        """Go on with a stopped run: its unpublished stages, train from its newest checkpoint; its final status."""
+        raise ConfigError(
+            f"run {run} runs on {self.describe()}, where a stopped stage is retried and resumes by itself; "
+            f"`tunectl status {run}` shows where it is"
+        )
 
 
 def auto_order(command: str, kubeconfig: bool, store_uri: str) -> tuple[str, ...]:

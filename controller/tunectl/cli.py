@@ -8,6 +8,7 @@ import json
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -281,9 +282,29 @@ def submit(
         s = be.wait(sub.run, None if quiet else _to_stderr, poll_seconds)
     except KeyboardInterrupt:
         if be.runs_here:
-            click.echo(f"\nrun {sub.run} cancelled", err=True)
+            click.echo(f"\nrun {sub.run} cancelled (`tunectl resume {sub.run}` goes on)", err=True)
         else:
             click.echo(f"\nstopped following run {sub.run}; it goes on (tunectl cancel {sub.run} stops it)", err=True)
+        sys.exit(130)
+    _print_status(s)
+    failure = s.failure()
+    if failure:
+        raise TunectlError(failure)
+
+
+@cli.command()
+@click.argument("run", callback=_run_id)
+@shared("store", "backend", "context", "namespace")
+@click.option("--quiet", "-q", is_flag=True, help="do not stream stage output (it still goes to the logs)")
+@click.pass_context
+def resume(ctx: click.Context, run: str, quiet: bool) -> None:
+    """Go on with a local RUN that was interrupted, cancelled or failed: stages that published are not run again,
+    and train continues from its newest checkpoint. (A Kubernetes run resumes by itself: its Job retries.)"""
+    be = _holding(_opts(ctx), run)
+    try:
+        s = be.resume(run, None if quiet else _to_stderr)
+    except KeyboardInterrupt:
+        click.echo(f"\nrun {run} cancelled (`tunectl resume {run}` goes on)", err=True)
         sys.exit(130)
     _print_status(s)
     failure = s.failure()
@@ -396,7 +417,24 @@ def _metric_summary(stage: StageStatus) -> str:
         parts.append(stage.error)
     if stage.reason:
         parts.append(stage.reason)
+    if stage.checkpoint:
+        c = stage.checkpoint
+        parts.append(f"checkpoint at step {c.get('step')} ({_age(c.get('saved'))} old, {c.get('why')})")
     return "; ".join(parts)
+
+
+def _age(saved: Any) -> str:
+    try:
+        seconds = (datetime.now(UTC) - datetime.fromisoformat(str(saved))).total_seconds()
+    except ValueError:
+        return "?"
+    return (
+        f"{seconds:.0f}s"
+        if seconds < 120
+        else f"{seconds / 60:.0f} min"
+        if seconds < 7200
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 def _print_status(s: RunStatus) -> None:

@@ -6,6 +6,9 @@ Every error a user sees is one line that says what to fix, and its class decides
   uses it too, so a script can tell "fix your input" from everything else.
 - EXIT_ENVIRONMENT (74, sysexits EX_IOERR): this machine's files, disk or programs (a read-only or full
   destination, a store path that is a file, a missing or broken helm/ollama). The input was fine; fix the host.
+- EXIT_PREEMPTED (75, sysexits EX_TEMPFAIL): the stage was stopped from outside (SIGTERM: eviction, preemption,
+  a drain, Ctrl-C of a local run) and saved what it needs to go on (a training checkpoint). The chart retries it
+  without counting a failure; a retry resumes.
 - EXIT_FAILURE (1): anything else, treated as transient and retried by the chart.
 """
 
@@ -14,6 +17,7 @@ import re
 
 EXIT_CONFIG_ERROR = 78  # sysexits.h EX_CONFIG
 EXIT_ENVIRONMENT = 74  # sysexits.h EX_IOERR
+EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL
 EXIT_FAILURE = 1
 
 
@@ -27,6 +31,10 @@ class ConfigError(TunectlError):
 
 class EnvironmentProblem(TunectlError):
     """The machine, not the input: files, disk space, permissions, or a program tunectl runs."""
+
+
+class Preempted(TunectlError):
+    """Stopped from outside after saving what a retry needs to resume (exit EXIT_PREEMPTED)."""
 
 
 class ArtifactError(TunectlError):

@@ -363,6 +363,17 @@ class KubernetesBackend(Backend):
         pods = c.call("listing pods", c.core.list_namespaced_pod, self.namespace, label_selector=selector)
         return [c.to_dict(j) for j in jobs.items], [c.to_dict(p) for p in pods.items]
 
+    @staticmethod
+    def _newest_checkpoint(store: str, run: str) -> dict[str, Any] | None:
+        """Read from here, with this machine's credentials: a status without it where the store cannot be read."""
+        from . import checkpoints
+        from .stores import open_store
+
+        try:
+            return checkpoints.newest(open_store(store), run)
+        except (TunectlError, OSError):
+            return None
+
     def status(self, run: str) -> RunStatus:
         cm = self.run_record(run)
         jobs, pods = self._objects(f"{LABEL_RUN}={run}")
@@ -382,6 +393,8 @@ class KubernetesBackend(Backend):
             row.seconds = duration(row.started, row.finished, now)
             if with_errors and row.state == StageState.FAILED:
                 row.error = termination_error(owned) or self._error_line(owned)
+            if with_errors and stage == "train" and row.state != StageState.SUCCEEDED and store:
+                row.checkpoint = self._newest_checkpoint(store, run)
             rows.append(row)
         reconciler = by_stage.get(None)
         return RunStatus(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import EXIT_CONFIG_ERROR
+from .errors import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
 from .runmodel import StageState, StageStatus
 from .stageexit import killed, read_status, signal_name, where
 
@@ -123,6 +123,8 @@ def _exit_text(term: dict[str, Any]) -> str:
         return f"OOMKilled (exit code {code}){where(status)}: raise the stage's memory limit"
     if code == EXIT_CONFIG_ERROR:
         return f"failed with exit code {code} (configuration error, not retried)"
+    if code == EXIT_PREEMPTED:
+        return f"preempted (exit code {code}): {status.get('error') or 'stopped from outside'}"
     sig = _signal(term)
     if sig:
         return f"{killed(signal_name(sig), status)}, exit code {code}"
@@ -191,6 +193,8 @@ def stage_status(stage: str, job: dict[str, Any] | None, pods: list[dict[str, An
         disrupted = _disruption(failed_pods[0])
         if disrupted:
             retry_note = f"; retrying after a disruption ({disrupted}), not counted as a failure"
+        elif term and term.get("exitCode") == EXIT_PREEMPTED:
+            retry_note = f"; resuming after it was {_exit_text(term)}"
         else:
             retry_note = f"; retrying after {_exit_text(term) if term else 'a failed pod'}"
     if not live:

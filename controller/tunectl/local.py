@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from typing import Any
 
-from . import __version__
+from . import __version__, checkpoints
 from .backend import LOCAL, Backend, Echo, Submission, SubmitRequest
 from .datacheck import peek_local_file
 from .errors import ConfigError, TunectlError, redact
@@ -183,6 +183,16 @@ class LocalBackend(Backend):
             pass  # the status says which stage and why
         return self.status(run)
 
+    def resume(self, run: str, echo: Echo | None) -> RunStatus:
+        """Run the stages that have not published, in order; train goes on from its newest checkpoint."""
+        current = self.status(run)
+        if current.state == RunState.SUCCEEDED:
+            raise ConfigError(f"run {run} has already succeeded: nothing to resume")
+        running = [s.stage for s in current.stages if s.state == StageState.RUNNING]
+        if running:
+            raise ConfigError(f"run {run} is still running ({running[0]}): wait for it, or stop it with Ctrl-C first")
+        return self.wait(run, echo)
+
     def execute(self, run: str, echo: Echo | None = None) -> None:
         """Run every pending stage in order; the first failure stops the run and skips the rest.
 
@@ -275,6 +285,11 @@ class LocalBackend(Backend):
                 rc = proc.wait()
             except BaseException:
                 _stop(proc)
+                # What it said while stopping (a checkpoint saved on SIGTERM) belongs in its log too.
+                rest = proc.stdout.read()
+                log.write(rest)
+                if echo is not None and rest:
+                    echo(rest.decode("utf-8", "replace"))
                 raise
         self.store.put_file(f"runs/{run}/logs/{stage}.log", log_path)
         if rc == 0:
@@ -325,6 +340,8 @@ class LocalBackend(Backend):
             if at:
                 s.reason = f"in {at}"
         s.seconds = duration(s.started, s.finished, clock)
+        if stage == "train" and s.state != StageState.SUCCEEDED:
+            s.checkpoint = checkpoints.newest(self.store, run)
         manifest = self.store.manifest(run, stage)
         if manifest:
             seconds = (manifest.get("timings") or {}).get("seconds")

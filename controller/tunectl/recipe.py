@@ -167,6 +167,12 @@ class TrainingSpec(_Strict):
     seed: Count = Field(3407, ge=0, le=SEED_MAX)
     logging_steps: Count = Field(1, gt=0)
     packing: bool = False
+    # Checkpoints in the store, from which a retried or resumed train stage goes on (one is also saved on SIGTERM):
+    # every `save_steps` optimizer steps (0: not by steps) and whenever `save_minutes` of training passed since the
+    # last one (0: not by time); the newest `keep_checkpoints` are kept.
+    save_steps: Count = Field(0, ge=0)
+    save_minutes: float = Field(10.0, ge=0, le=10080)
+    keep_checkpoints: Count = Field(2, gt=0, le=100)
 
 
 class ExportSpec(_Strict):

@@ -172,6 +172,7 @@ class StageStatus:
     metrics: dict[str, Any] | None = None  # from the stage's manifest
     notes: list[str] | None = None  # from the stage's manifest: what was substituted on this machine
     files: int | None = None  # files in the stage's manifest
+    checkpoint: dict[str, Any] | None = None  # train, unfinished: its newest checkpoint (step, saved, why, bytes)
 
     def __post_init__(self) -> None:
         self.state = StageState(self.state)

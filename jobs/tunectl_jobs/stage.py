@@ -18,7 +18,15 @@ from pathlib import Path
 from typing import Any
 
 from tunectl import __version__
-from tunectl.errors import EXIT_CONFIG_ERROR, EXIT_FAILURE, ArtifactError, ConfigError, TunectlError
+from tunectl.errors import (
+    EXIT_CONFIG_ERROR,
+    EXIT_FAILURE,
+    EXIT_PREEMPTED,
+    ArtifactError,
+    ConfigError,
+    Preempted,
+    TunectlError,
+)
 from tunectl.recipe import Recipe, recipe_from_file
 from tunectl.runmodel import format_error
 from tunectl.stageexit import write_status
@@ -46,6 +54,8 @@ class StageContext:
     inputs: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Run once the stage's manifest is committed (best effort): clean-up of what only a retry would have needed.
+    after_publish: list[Callable[[], None]] = field(default_factory=list)
     # Where the stage is, as its status document says (tunectl.stageexit): what a crash report names.
     where: dict[str, Any] = field(default_factory=dict)
     _t0: float = field(default_factory=time.monotonic)
@@ -77,6 +87,11 @@ class StageContext:
         doc = self.store.publish(self.run, self.name, self.out, manifest)
         shutil.rmtree(self.out, ignore_errors=True)  # published; a failed stage keeps its scratch to inspect
         log.info("published %d files to %s/runs/%s/%s", len(doc["files"]), self.store.uri, self.run, self.name)
+        for hook in self.after_publish:
+            try:
+                hook()
+            except (TunectlError, OSError) as e:
+                log.warning("after publishing: %s", e)
         return doc
 
 
@@ -162,6 +177,8 @@ def run_stage(name: str, body: Callable[[StageContext], None], argv: list[str] |
         return 0
     except (ConfigError, ArtifactError) as e:
         return fail(e, EXIT_CONFIG_ERROR)
+    except Preempted as e:
+        return fail(e, EXIT_PREEMPTED)
     except TunectlError as e:
         return fail(e, EXIT_FAILURE)
     except OSError as e:  # a full or read-only disk, a missing mount: the environment, maybe not this input

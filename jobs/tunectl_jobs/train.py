@@ -18,10 +18,11 @@ import logging
 import sys
 from typing import Any
 
-from tunectl.errors import ConfigError
+from tunectl import checkpoints as store_checkpoints
+from tunectl.errors import ConfigError, Preempted
 from tunectl.recipe import LoraSpec, Recipe
 
-from . import data, models
+from . import checkpoints, data, models
 from .stage import StageContext, run_stage
 
 log = logging.getLogger("tunectl")
@@ -201,8 +202,15 @@ def _loss_plot(history: list[dict[str, Any]], path: Any, title: str) -> None:
     plt.close(fig)
 
 
+def _stopped(signum: int, frame: Any) -> None:
+    raise Preempted("stopped by SIGTERM outside a training step: a retry resumes from the newest checkpoint")
+
+
 def train(ctx: StageContext) -> None:
     r: Recipe = ctx.recipe
+    # SIGTERM outside the training steps ends the stage as preempted at once; within them the store callback saves
+    # a checkpoint first (checkpoints.py).
+    checkpoints.on_sigterm(_stopped)
     unsloth = _use_unsloth()
     if unsloth:
         import unsloth as _  # noqa: F401  (patches transformers/trl; must come before they are imported)
@@ -283,20 +291,36 @@ def train(ctx: StageContext) -> None:
             packing=t.packing,
             dataset_text_field="text",
             report_to="none",
+            # Saves are the store callback's (checkpoints.py): by steps, by time and on SIGTERM.
             save_strategy="no",
             disable_tqdm=False,
             # TRL turns checkpointing on by default; without Unsloth the recipe's setting must win (Unsloth's
             # get_peft_model has applied it already on its path).
             **({} if unsloth else {"gradient_checkpointing": bool(r.lora.use_gradient_checkpointing)}),
         )
-        trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=text_ds, args=args)
+        saver = checkpoints.store_checkpoints_callback(ctx.store, ctx.run, r)
+        trainer = SFTTrainer(
+            model=model, processing_class=tokenizer, train_dataset=text_ds, args=args, callbacks=[saver]
+        )
+
+    with ctx.phase("resume"):
+        # A retry or `tunectl resume`: the newest complete checkpoint of this run, if any (same recipe only).
+        resume = store_checkpoints.restore(ctx.store, ctx.run, r, ctx.out / ".resume")
+        # Once train has published, nothing resumes from its checkpoints.
+        ctx.after_publish.append(lambda: store_checkpoints.delete_all(ctx.store, ctx.run))
+        if resume:
+            log.info("resumed from step %d (checkpoint in the store)", resume[1])
+            ctx.metrics["resumed_from_step"] = resume[1]
+            ctx.notes.append(f"resumed from step {resume[1]}")
 
     with ctx.phase("train"):
         if unsloth:
             from unsloth import FastLanguageModel
 
             FastLanguageModel.for_training(model)
-        result = trainer.train()
+        result = trainer.train(resume_from_checkpoint=str(resume[0]) if resume else None)
+    if saver.preempted_at is not None:
+        raise Preempted(f"stopped by SIGTERM at step {saver.preempted_at}: checkpoint saved, a retry resumes from it")
     history = [
         {"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate"), "grad_norm": h.get("grad_norm")}
         for h in trainer.state.log_history
@@ -315,6 +339,7 @@ def train(ctx: StageContext) -> None:
         import shutil
 
         shutil.rmtree(ctx.out / ".trainer", ignore_errors=True)
+        shutil.rmtree(ctx.out / ".resume", ignore_errors=True)
 
     ctx.inputs = {"model": r.model.name, "resolved_model": base, "data": r.data.source, "rows": loaded_rows}
     ctx.metrics = {

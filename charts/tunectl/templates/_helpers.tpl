@@ -124,6 +124,9 @@ spec:
       # EX_CONFIG: bad recipe, data or model; a retry would fail the same way.
       - action: FailJob
         onExitCodes: {containerName: {{ $name | quote }}, operator: In, values: [78]}
+      # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint (a pod deleted, a Ctrl-C); the retry resumes.
+      - action: Ignore
+        onExitCodes: {containerName: {{ $name | quote }}, operator: In, values: [75]}
       # Preemption, eviction, node drain: not the stage's fault, retry without counting it.
       - action: Ignore
         onPodConditions: [{type: DisruptionTarget}]
@@ -137,6 +140,7 @@ spec:
     spec:
       restartPolicy: Never
       {{- include "tunectl.notPid1" . | nindent 6 }}
+      terminationGracePeriodSeconds: {{ int $s.terminationGracePeriodSeconds }}
       # Stages talk to the store, never to the Kubernetes API.
       automountServiceAccountToken: false
       {{- with $root.Values.imagePullSecrets }}

@@ -124,6 +124,11 @@ class Store(ABC):
         the file list. Safe to repeat after an interruption; files already in place may be skipped."""
 
     @abstractmethod
+    def delete(self, run: str, stage: str) -> None:
+        """Remove a stage's artifacts: its manifest first, so a half-deleted stage never looks complete, then every
+        other object under it. Nothing there is not an error."""
+
+    @abstractmethod
     def fetch(
         self,
         run: str,

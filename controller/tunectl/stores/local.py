@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -118,6 +119,11 @@ class LocalStore(Store):
         doc = manifest_doc(run, stage, manifest, files)
         self.write_json(f"runs/{run}/{stage}/{MANIFEST}", doc)
         return doc
+
+    def delete(self, run: str, stage: str) -> None:
+        dest = self.stage_dir(run, stage)
+        (dest / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
 
     def fetch(
         self,

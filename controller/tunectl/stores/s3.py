@@ -347,6 +347,24 @@ class S3Store(Store):
         self.write_json(f"{prefix}/{MANIFEST}", doc)
         return doc
 
+    def delete(self, run: str, stage: str) -> None:
+        prefix = f"runs/{safe_key(run)}/{safe_key(stage)}"
+        self._retry(
+            "removing the manifest",
+            lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{prefix}/{MANIFEST}")),
+        )
+
+        def delete_all() -> None:
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket, Prefix=self._key(prefix) + "/"
+            )
+            for page in pages:
+                keys = [{"Key": o["Key"]} for o in page.get("Contents", [])]
+                if keys:
+                    self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+
+        self._retry(f"deleting {prefix}", delete_all)
+
     def fetch(
         self,
         run: str,
