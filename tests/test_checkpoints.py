@@ -6,6 +6,7 @@ are stood in for by a few files here; training through a SIGTERM and resuming is
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,46 @@ def test_all_checkpoints_go_once_the_stage_has_published(store, recipe, tmp_path
         assert store.manifest(RUN, f"checkpoints/train/step-{step:08d}") is None
     if isinstance(store, LocalStore):
         assert not (store.root / "runs" / RUN / "checkpoints" / "train").exists()
+
+
+@pytest.mark.minio
+def test_sigkill_in_the_middle_of_a_checkpoint_upload_leaves_the_previous_one_in_use(minio, tmp_path, monkeypatch):
+    """A real upload to MinIO killed with SIGKILL part way (a process of its own, as the train stage would be): the
+    files that made it are there, but without a manifest or an index entry the checkpoint does not exist."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import new_bucket
+
+    for k, v in minio.env().items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setenv("TUNECTL_S3_CACHE", str(tmp_path / "s3-cache"))
+    uri = f"s3://{new_bucket(minio, 'torn')}/p"
+    recipe = load_recipe("ruozhiba-tiny")
+    store = open_store(uri)
+    save(store, recipe, tmp_path, 4)
+    big = trainer_dir(tmp_path, 8)
+    with open(big / "optimizer.pt", "wb") as f:  # large enough to be caught mid-upload
+        for _ in range(64):
+            f.write(os.urandom(1 << 20))
+    script = (
+        "import sys; from pathlib import Path; from tunectl import checkpoints; from tunectl.recipe import load_recipe;"
+        "from tunectl.stores import open_store;"
+        f"checkpoints.save(open_store({uri!r}), {RUN!r}, load_recipe('ruozhiba-tiny'), Path({str(big)!r}), 8, 'steps')"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script], env=os.environ.copy())
+    prefix = f"runs/{RUN}/checkpoints/train/step-00000008/"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and proc.poll() is None:  # kill once the first file of step 8 has landed
+        if store.read_json(prefix + ".uploaded.json"):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the upload finished before it could be killed"
+    assert store.manifest(RUN, "checkpoints/train/step-00000008") is None
+    assert [c["step"] for c in checkpoints.listed(store, RUN)] == [4]
+    _, step = checkpoints.restore(store, RUN, recipe, tmp_path / "r")
+    assert step == 4
