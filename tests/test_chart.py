@@ -142,7 +142,13 @@ def test_scenario_objects(recipe, scenario):
             "action": "FailJob",
             "onExitCodes": {"containerName": stage, "operator": "In", "values": [78]},
         }
-        assert rules[1] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+        # A stage stopped after saving what a retry resumes from (75), and a disruption: retried, not counted.
+        assert rules[1] == {
+            "action": "Ignore",
+            "onExitCodes": {"containerName": stage, "operator": "In", "values": [75]},
+        }
+        assert rules[2] == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
+        assert pod["terminationGracePeriodSeconds"] == (300 if stage == "train" else 60)
         assert spec["backoffLimit"] >= 0 and spec["activeDeadlineSeconds"] > 0 and spec["ttlSecondsAfterFinished"] > 0
         assert pod["restartPolicy"] == "Never" and pod["automountServiceAccountToken"] is False
         assert pod["securityContext"]["runAsNonRoot"] is True
