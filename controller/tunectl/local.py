@@ -30,7 +30,10 @@ from .runmodel import RunState, RunStatus, StageState, StageStatus, duration, er
 from .stageexit import STATUS_ENV, describe, phase_text, read_status_file
 from .stores import CorruptDocument, Store
 
-STOP_GRACE_S = 30  # how long a stage may take to exit after SIGTERM before its process group is killed
+# How long a stage may take to exit after SIGTERM before its process group is killed: train finishes the step in
+# flight and saves a checkpoint in it (a CPU step of the tiny model takes seconds, 20 s and more on a loaded
+# machine). A second Ctrl-C kills it at once.
+STOP_GRACE_S = 120
 ID_ATTEMPTS = 8  # new ids tried when the one drawn is taken (same recipe, same second, same random suffix)
 _PR_SET_PDEATHSIG = 1
 
@@ -403,16 +406,20 @@ def _die_with(parent: int) -> Callable[[], None]:
 
 
 def _stop(proc: subprocess.Popen[bytes]) -> None:
-    """SIGTERM to the stage's process group, then SIGKILL after STOP_GRACE_S; returns once the stage is gone."""
+    """SIGTERM to the stage's process group, then SIGKILL after STOP_GRACE_S or at a second Ctrl-C; returns once
+    the stage is gone."""
     for sig, wait in ((signal.SIGTERM, STOP_GRACE_S), (signal.SIGKILL, None)):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             break
+        if sig == signal.SIGTERM:
+            print(f"stopping: the stage may take up to {STOP_GRACE_S}s to save its work (Ctrl-C again: kill it now)",
+                  file=sys.stderr, flush=True)  # fmt: skip
         try:
             proc.wait(timeout=wait)
             break
-        except subprocess.TimeoutExpired:
+        except (subprocess.TimeoutExpired, KeyboardInterrupt):
             continue
     proc.wait()
 
