@@ -374,6 +374,21 @@ class KubernetesBackend(Backend):
         except (TunectlError, OSError):
             return None
 
+    @staticmethod
+    def _add_manifest(row: StageStatus, store: str, run: str) -> None:
+        """A finished stage's metrics and notes from its manifest, as the local backend shows them; nothing where
+        the store cannot be read from here."""
+        from .stores import open_store
+
+        try:
+            manifest = open_store(store).manifest(run, row.stage)
+        except (TunectlError, OSError):
+            return
+        if manifest:
+            row.metrics = manifest.get("metrics", {})
+            row.notes = manifest.get("notes", [])
+            row.files = len(manifest["files"])
+
     def status(self, run: str) -> RunStatus:
         cm = self.run_record(run)
         jobs, pods = self._objects(f"{LABEL_RUN}={run}")
@@ -395,6 +410,8 @@ class KubernetesBackend(Backend):
                 row.error = termination_error(owned) or self._error_line(owned)
             if with_errors and stage == "train" and row.state != StageState.SUCCEEDED and store:
                 row.checkpoint = self._newest_checkpoint(store, run)
+            if with_errors and row.state == StageState.SUCCEEDED and store:
+                self._add_manifest(row, store, run)
             rows.append(row)
         reconciler = by_stage.get(None)
         return RunStatus(

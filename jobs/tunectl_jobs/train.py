@@ -311,7 +311,7 @@ def train(ctx: StageContext) -> None:
         if resume:
             log.info("resumed from step %d (checkpoint in the store)", resume[1])
             ctx.metrics["resumed_from_step"] = resume[1]
-            ctx.notes.append(f"resumed from step {resume[1]}")
+            ctx.notes.append(f"resumed from step {resume[1]} after a stop (its checkpoint in the store)")
 
     with ctx.phase("train"):
         if unsloth:
