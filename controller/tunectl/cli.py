@@ -286,10 +286,7 @@ def submit(
         else:
             click.echo(f"\nstopped following run {sub.run}; it goes on (tunectl cancel {sub.run} stops it)", err=True)
         sys.exit(130)
-    _print_status(s)
-    failure = s.failure()
-    if failure:
-        raise TunectlError(failure)
+    _print_final(s)
 
 
 @cli.command()
@@ -306,10 +303,7 @@ def resume(ctx: click.Context, run: str, quiet: bool) -> None:
     except KeyboardInterrupt:
         click.echo(f"\nrun {run} cancelled (`tunectl resume {run}` goes on)", err=True)
         sys.exit(130)
-    _print_status(s)
-    failure = s.failure()
-    if failure:
-        raise TunectlError(failure)
+    _print_final(s)
 
 
 @cli.command()
@@ -435,6 +429,14 @@ def _age(saved: Any) -> str:
         if seconds < 7200
         else f"{seconds / 3600:.1f} h"
     )
+
+
+def _print_final(s: RunStatus) -> None:
+    """A run that ended here: its status, then exit 1 with its failure line unless it succeeded."""
+    _print_status(s)
+    failure = s.failure()
+    if failure:
+        raise TunectlError(failure)
 
 
 def _print_status(s: RunStatus) -> None:
