@@ -131,6 +131,16 @@ def pytest_runtest_makereport(item, call):
     if CI and report.skipped and _import_skip(report):
         report.outcome = "failed"
         report.longrepr = f"{_import_skip(report)} (TUNECTL_CI=1: mark a test that needs the ML venv `ml`)"
+    # A failed cluster test shows what the cluster saw (pods, events, the node's disk), not only its last wait.
+    if report.when == "call" and report.failed:
+        args = getattr(item, "funcargs", {})
+        sections = {"kube": lambda: args["kube"].diagnose(), "node": lambda: args["node"].disk_problem() or "disk ok"}
+        for name, read in sections.items():
+            if name in args and hasattr(args[name], "disk_problem" if name == "node" else "diagnose"):
+                try:
+                    report.sections.append((f"test cluster ({name})", read()))
+                except Exception as e:  # noqa: BLE001 - the cluster itself may be what failed
+                    report.sections.append((f"test cluster ({name})", f"could not be read: {e}"))
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -37,6 +37,8 @@ STAGE_VALUES = {"resources": SMALL, "scratchSize": "30Gi", "shmSize": "256Mi"}
 
 @pytest.fixture
 def kube(cluster, node, node_images, namespace, minio, bucket, tmp_path, monkeypatch) -> Kube:
+    if problem := node.disk_problem():
+        pytest.fail(problem, pytrace=False)
     monkeypatch.setenv("KUBECONFIG", str(cluster.kubeconfig))
     values = {**node.values(), "stages": {s: STAGE_VALUES for s in ("train", "merge", "gguf")}}
     # Where pods reach the test MinIO when they are not on this host's network (kind: the Docker network's gateway).
@@ -298,19 +300,6 @@ def test_a_stage_killed_by_a_signal_is_named_with_its_phase(kube, node):
     assert "killed by SIGSEGV" in out
 
 
-def _diagnose(kube: Kube, run: str) -> str:
-    """The run's Jobs and pods, with each pod's state and log tail: what a timeout needs to be understood."""
-    lines = [f"job {k}: {j.status.to_dict()}" for k, j in kube.jobs(run).items()]
-    for pod in kube.pods(run):
-        cs = pod.status.container_statuses or []
-        lines.append(f"pod {pod.metadata.name} {pod.status.phase} {[c.state.to_dict() for c in cs]}")
-        try:
-            lines.append(pod_log(kube, pod)[-1500:])
-        except Exception as e:  # noqa: BLE001 - a pod without a log yet
-            lines.append(f"(no log: {e})")
-    return "\n".join(lines)
-
-
 def _container_pids(pod_uid: str, needle: bytes) -> list[int]:
     """Host pids of the processes in a pod's cgroups whose command line contains `needle`."""
     pids = []
@@ -331,9 +320,10 @@ def test_a_train_pod_deleted_three_times_resumes_from_its_checkpoints_and_counts
     backoffLimit 0 the run finishes, and the Job counts no failure."""
     from tunectl.stores import open_store
 
+    # Train only, 16 steps, no sample answers: four pods' start-ups are most of the time as it is.
     run = kube.submit(
         "--set", "export.gguf=[]", "--set", "export.merged_16bit=false", "--set", "export.lora=false",
-        "--helm-set", "stages.train.backoffLimit=0",
+        "--set", "training.max_steps=16", "--set", "test_prompts=[]", "--helm-set", "stages.train.backoffLimit=0",
     )  # fmt: skip
     core = kube.backend().cluster.core
     deleted: list[str] = []
@@ -351,10 +341,7 @@ def test_a_train_pod_deleted_three_times_resumes_from_its_checkpoints_and_counts
                     return pod
             return None
 
-        try:
-            pod = wait_for(training, 900, "a train pod in training", interval=2.0)
-        except TimeoutError:
-            raise AssertionError(_diagnose(kube, run)) from None
+        pod = wait_for(training, 900, "a train pod in training", interval=2.0)
         core.delete_namespaced_pod(pod.metadata.name, kube.namespace)
         deleted.append(pod.metadata.name)
     final = wait_for(lambda: (st := kube.status(run))["state"] in ("succeeded", "failed") and st, 900, "the run")
@@ -362,8 +349,8 @@ def test_a_train_pod_deleted_three_times_resumes_from_its_checkpoints_and_counts
     job = kube.jobs(run)["train"]
     assert not job.status.failed and job.status.succeeded == 1
     manifest = open_store(kube.store).manifest(run, "train")
-    assert manifest["metrics"]["steps"] == 40
+    assert manifest["metrics"]["steps"] == 16
     resumed_from = [int(n) for n in re.findall(r"resumed from step (\d+)", " ".join(manifest["notes"]))]
-    assert len(resumed_from) == 1 and 3 <= resumed_from[0] < 40  # the last pod's resume
+    assert len(resumed_from) == 1 and 6 <= resumed_from[0] < 16  # the last pod's resume, after 2 steps in each
     assert f"resumed from step {resumed_from[0]}" in kube.cli("status", run).stdout
     assert open_store(kube.store).read_json(f"runs/{run}/checkpoints/train/latest.json") is None  # cleaned up

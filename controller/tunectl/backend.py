@@ -89,8 +89,8 @@ class Backend(ABC):
         stage ends."""
 
     @abstractmethod
-    def cancel(self, run: str) -> dict[str, int]:
-        """Stop the run; what was deleted, by kind. Artifacts in the store are kept."""
+    def cancel(self, run: str, echo: Echo | None = None) -> dict[str, int]:
+        """Stop the run; what was deleted, by kind. Artifacts in the store are kept. `echo` tells of a wait."""
 
     def resume(self, run: str, echo: Echo | None) -> RunStatus:
         """Go on with a stopped run: its unpublished stages, train from its newest checkpoint; its final status."""

@@ -490,7 +490,7 @@ def logs(ctx: click.Context, run: str, stage: str | None, follow: bool) -> None:
 @click.pass_context
 def cancel(ctx: click.Context, run: str) -> None:
     """Stop RUN on the cluster: its Jobs, pods, ConfigMap and RBAC are deleted; artifacts stay in the store."""
-    counts = _holding(_opts(ctx), run).cancel(run)
+    counts = _holding(_opts(ctx), run).cancel(run, echo=lambda line: click.echo(line, err=True))
     click.echo(f"run {run} cancelled: deleted {counts['jobs']} Jobs and {counts['pods']} pods; artifacts kept")
 
 

@@ -526,8 +526,9 @@ class KubernetesBackend(Backend):
                 return
             yield decoder.decode(chunk)
 
-    def cancel(self, run: str, timeout: float = 60.0) -> dict[str, int]:
-        """Delete the run's Jobs and pods (and its ConfigMap and RBAC); artifacts in the store are kept."""
+    def cancel(self, run: str, echo: Echo | None = None) -> dict[str, int]:
+        """Delete the run's Jobs and pods (and its ConfigMap and RBAC); artifacts in the store are kept. Returns once
+        the pods are gone: each gets SIGTERM and its grace period, in which a train stage saves a checkpoint."""
         from kubernetes.client import V1DeleteOptions
 
         self.run_record(run)
@@ -535,6 +536,7 @@ class KubernetesBackend(Backend):
         c = self.cluster
         opts = V1DeleteOptions(propagation_policy="Background")
         counts = {}
+        grace = 0
         for kind, lister, deleter in (
             ("jobs", c.batch.list_namespaced_job, c.batch.delete_namespaced_job),
             ("pods", c.core.list_namespaced_pod, c.core.delete_namespaced_pod),
@@ -547,14 +549,25 @@ class KubernetesBackend(Backend):
             for item in items:
                 name = item.metadata.name
                 c.call(f"deleting {kind} {name}", _delete, deleter, name, self.namespace, opts)
+                if kind == "pods" and item.status.phase in ("Pending", "Running"):
+                    grace = max(grace, item.spec.termination_grace_period_seconds or 30)
             counts[kind] = len(items)
+        # The longest grace period of a running pod, and time for the kubelet and the API server to catch up.
+        timeout = grace + 30
+        told = False
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            left = self._objects(sel)
-            if not left[0] and not left[1]:
+            jobs, pods = self._objects(sel)
+            if not jobs and not pods:
                 return counts
+            if pods and echo and not told:
+                echo(f"waiting for {len(pods)} pods to stop (up to {grace}s: a train stage saves a checkpoint first)")
+                told = True
             time.sleep(0.5)
-        raise TunectlError(f"run {run}: Jobs or pods still present {timeout:.0f}s after deletion")
+        raise TunectlError(
+            f"run {run}: Jobs or pods still present {timeout}s after deletion "
+            f"(`kubectl get pods -l {sel} -n {self.namespace}` shows which, and their node)"
+        )
 
 
 def _stages(cm: dict[str, Any]) -> list[str]:

@@ -374,7 +374,7 @@ class LocalBackend(Backend):
                 out.append((s, text))
         return out
 
-    def cancel(self, run: str) -> dict[str, int]:
+    def cancel(self, run: str, echo: Echo | None = None) -> dict[str, int]:
         raise ConfigError("cancel is for Kubernetes runs; stop a local run with Ctrl-C")
 
 

@@ -24,6 +24,7 @@ import io
 import json
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import tarfile
@@ -45,6 +46,8 @@ from .controlplane import (
 )
 from .wait import wait_for
 
+# What the pods of a test need on the node's filesystem beyond the images (outputs of the tiny model, logs).
+MIN_FREE_DISK = 4 * 2**30
 NODE_NAME = "localhost"  # the kubelet refuses a loopback node IP, so the apiserver reaches it by this Hostname
 TAINT = {"key": "tunectl.test/real-node", "value": "true", "effect": "NoSchedule"}
 LABEL = ("tunectl.test/node", "real")
@@ -173,7 +176,12 @@ class RealNode:
         )
 
     def import_images(self, docker: str, refs: list[str], timeout: float = 1200) -> None:
-        """`docker save` the images in one archive (shared layers once) straight into this node's containerd."""
+        """`docker save` the images in one archive (shared layers once) straight into this node's containerd. The
+        store keeps each layer twice (the archive's blob and its unpacked snapshot), so the host needs twice the
+        images' size free, and room for the pods after that."""
+        need = 2 * _images_size(docker, refs) + MIN_FREE_DISK
+        if shutil.disk_usage(self.workdir).free < need:
+            raise ClusterError(self.disk_problem(need) or "not enough disk")
         save = subprocess.Popen([docker, "save", *refs], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         try:
             imported = self.ctr("images", "import", "-", stdin=save.stdout, timeout=timeout)
@@ -187,6 +195,24 @@ class RealNode:
                 f"importing {', '.join(refs)} into the test node failed: {save_err.strip()} "
                 f"{imported.stderr.decode(errors='replace').strip()}"
             )
+
+    def disk_problem(self, need: int = MIN_FREE_DISK) -> str | None:
+        """One line when the filesystem holding the node's images and volumes has less than `need` bytes free, or
+        the kubelet reports disk pressure; None when pods can run."""
+        from kubernetes import client
+
+        free = shutil.disk_usage(self.workdir).free
+        if free < need:
+            return (
+                f"the test node has {free / 2**30:.1f} GiB free on {self.workdir} and needs {need / 2**30:.0f}: "
+                "free disk space (old pytest temp dirs under /tmp/pytest-of-*, `docker image prune`) and run again"
+            )
+        with self.cp.api_client() as api:
+            node = client.CoreV1Api(api).read_node(NODE_NAME)
+        for c in node.status.conditions or []:
+            if c.type == "DiskPressure" and c.status == "True":
+                return f"the test node reports disk pressure ({c.message}); {free / 2**30:.1f} GiB free here"
+        return None
 
     def image_refs(self) -> list[str]:
         out = self.ctr("images", "list", "--quiet").stdout.decode()
@@ -346,13 +372,16 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
             "failSwapOn": False,
             "registerWithTaints": [TAINT],
             "maxPods": 30,
-            # Images come only from an import here: never collect them; evict only when the disk is truly full.
+            # Images come only from an import here: never collect them. Evict only when the disk is truly full:
+            # under disk pressure the kubelet first deletes unused images, the pause image among them (containerd
+            # 1.6 does not pin it), and every later pod then waits in ContainerCreating for a pull that cannot be.
+            # A host short of disk is named by RealNode.disk_problem() instead.
             "imageGCHighThresholdPercent": 100,
             "imageGCLowThresholdPercent": 99,
             "evictionHard": {
                 "memory.available": "100Mi",
-                "nodefs.available": "1%",
-                "imagefs.available": "1%",
+                "nodefs.available": "64Mi",
+                "imagefs.available": "64Mi",
                 "nodefs.inodesFree": "1%",
             },  # fmt: skip
             "resolvConf": "",
@@ -550,3 +579,20 @@ class ExternalNodes:
 
     def import_images(self, docker: str, refs: list[str]) -> None:
         pass
+
+    def disk_problem(self) -> str | None:
+        return None  # the cluster's own kubelets report theirs as events
+
+
+def _images_size(docker: str, refs: list[str]) -> int:
+    """The bytes of the images' layers, each layer once however many of the images share it (docker reports each
+    image's size with its shared layers counted again): about the size of their `docker save` archive."""
+    layers: set[tuple[str, int]] = set()
+    for ref in refs:
+        history = subprocess.run(
+            [docker, "history", "--no-trunc", "--human=false", "--format", "{{.CreatedBy}}\t{{.Size}}", ref],
+            capture_output=True, text=True, check=True,
+        )  # fmt: skip
+        # A shared layer has the same instruction and size in every image built on it.
+        layers |= {(line.rsplit("\t", 1)[0], int(line.rsplit("\t", 1)[1])) for line in history.stdout.splitlines()}
+    return sum(size for _, size in layers)

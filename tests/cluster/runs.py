@@ -67,6 +67,25 @@ class Kube:
         items = batch.list_namespaced_job(self.namespace, label_selector=f"tunectl.dev/run={run}")
         return {j.metadata.labels.get("tunectl.dev/stage", "reconciler"): j for j in items.items}
 
+    def diagnose(self) -> str:
+        """The namespace's Jobs, pods (state and log tail) and events: what a failed or timed-out test needs to be
+        understood (conftest.py adds it to the report of a failed test that used a Kube)."""
+        core, batch = self.backend().cluster.core, self.backend().cluster.batch
+        jobs = batch.list_namespaced_job(self.namespace).items
+        lines = [f"job {j.metadata.name}: {j.status.to_dict()}" for j in jobs]
+        for pod in core.list_namespaced_pod(self.namespace).items:
+            states = [c.state.to_dict() for c in pod.status.container_statuses or []]
+            lines.append(f"pod {pod.metadata.name} {pod.status.phase} on {pod.spec.node_name}: {states}")
+            try:
+                log = core.read_namespaced_pod_log(pod.metadata.name, self.namespace, tail_lines=15)
+                lines += ["  " + line for line in log.splitlines()]
+            except Exception as e:  # noqa: BLE001 - a pod without a log yet
+                lines.append(f"  (no log: {str(e).splitlines()[0]})")
+        events = core.list_namespaced_event(self.namespace).items
+        for e in sorted(events, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp):
+            lines.append(f"event {e.type} {e.reason} {e.involved_object.kind}/{e.involved_object.name}: {e.message}")
+        return "\n".join(lines)
+
 
 def make_kube(
     cluster: Any, namespace: str, minio: Any, bucket: str, workdir: Path, values: dict[str, Any] | None = None
