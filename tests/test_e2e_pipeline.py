@@ -310,6 +310,42 @@ def test_a_gguf_whose_llama_cpp_crashes_fails_the_export_and_names_the_file(
         assert by_type[t]["finish_reason"] == "stop" and by_type[t]["cpu_variant"] in llamarun.cpu_variants()
 
 
+@pytest.mark.parametrize("finished_run", ["dir"], indirect=True)
+@pytest.mark.parametrize("check", ["stop", "answer", "off"])
+def test_the_smoke_test_checks_what_export_smoke_test_asks(finished_run, tmp_path, capsys, check):
+    """The gguf stage again on a copy of the run, with a 2-token answer budget the model cannot stop within: `stop`
+    fails the export, `answer` accepts the cut answer and says so in the manifest, `off` runs no GGUF at all."""
+    import shutil
+
+    import yaml
+
+    from tunectl_jobs import gguf
+
+    run = finished_run.run
+    src = Path(finished_run.store) / "runs" / run
+    store = tmp_path / "store"
+    shutil.copytree(src, store / "runs" / run, ignore=lambda d, names: ["gguf", ".scratch"] if d == str(src) else [])
+    recipe_file = store / "runs" / run / "recipe.yaml"
+    recipe = yaml.safe_load(recipe_file.read_text())
+    recipe["export"] |= {"gguf": ["q8_0"], "smoke_test": check}
+    recipe["test_prompts"][0]["max_new_tokens"] = 2
+    recipe_file.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    rc = gguf.main(["--recipe", str(recipe_file), "--store", str(store), "--run", run])
+    err = capsys.readouterr().err
+    manifest = store / "runs" / run / "gguf" / "manifest.json"
+    if check == "stop":
+        assert rc == 1 and "GGUF q8_0 did not answer and stop at EOS within 2 tokens" in err
+        assert not manifest.exists()
+        return
+    assert rc == 0, err
+    doc = json.loads(manifest.read_text())
+    if check == "answer":
+        assert doc["smoke"][0]["finish_reason"] == "length" and doc["smoke"][0]["check"] == "answer"
+        assert "q8_0 answered up to the token limit: accepted (export.smoke_test: answer)" in doc["notes"]
+    else:
+        assert doc["smoke"] == [] and "no smoke test (export.smoke_test: off): no GGUF was run" in doc["notes"]
+
+
 @pytest.mark.parametrize("finished_run", ["dir"], indirect=True)  # its uninterrupted losses are the reference
 def test_a_local_run_stopped_mid_training_resumes_with_the_same_losses(finished_run, tmp_path):
     """SIGTERM to `tunectl submit` in the middle of training: the train stage finishes its step, saves a checkpoint

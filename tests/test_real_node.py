@@ -266,6 +266,15 @@ def test_an_evicted_stage_gets_sigterm_and_is_retried_without_counting_a_failure
     assert len(second) == 1
     train = kube.stages(run)["train"]
     assert train["state"] in ("running", "pending") and "attempts" not in train, train
+    # Cancel once the new pod's program runs: a SIGTERM sent in a container's first instant, before the program has
+    # started (runc's init still runs), is lost, and the pod would live out its 300 s grace.
+    wait_for(
+        lambda: "INFO" in pod_log(kube, second[0]),
+        300,
+        "the second train pod's output",
+        interval=1.0,
+        ignore=(client.exceptions.ApiException,),  # 400 while its container is being created
+    )
     kube.cli("cancel", run)
 
 
@@ -323,7 +332,8 @@ def test_a_train_pod_deleted_three_times_resumes_from_its_checkpoints_and_counts
     # Train only, 16 steps, no sample answers: four pods' start-ups are most of the time as it is.
     run = kube.submit(
         "--set", "export.gguf=[]", "--set", "export.merged_16bit=false", "--set", "export.lora=false",
-        "--set", "training.max_steps=16", "--set", "test_prompts=[]", "--helm-set", "stages.train.backoffLimit=0",
+        "--set", "training.max_steps=16", "--set", "training.sample_answers=false",
+        "--helm-set", "stages.train.backoffLimit=0",
     )  # fmt: skip
     core = kube.backend().cluster.core
     deleted: list[str] = []
@@ -350,6 +360,7 @@ def test_a_train_pod_deleted_three_times_resumes_from_its_checkpoints_and_counts
     assert not job.status.failed and job.status.succeeded == 1
     manifest = open_store(kube.store).manifest(run, "train")
     assert manifest["metrics"]["steps"] == 16
+    assert not {"generate before", "generate after"} & set(manifest["timings"]["phases"])  # sample_answers: false
     resumed_from = [int(n) for n in re.findall(r"resumed from step (\d+)", " ".join(manifest["notes"]))]
     assert len(resumed_from) == 1 and 6 <= resumed_from[0] < 16  # the last pod's resume, after 2 steps in each
     assert f"resumed from step {resumed_from[0]}" in kube.cli("status", run).stdout

@@ -173,6 +173,9 @@ class TrainingSpec(_Strict):
     save_steps: Count = Field(0, ge=0)
     save_minutes: float = Field(10.0, ge=0, le=10080)
     keep_checkpoints: Count = Field(2, gt=0, le=100)
+    # Answer the test prompts before and after training (the train stage's "generate before/after" phases, kept in
+    # generations.json); false skips both and saves their minutes.
+    sample_answers: bool = True
 
 
 class ExportSpec(_Strict):
@@ -181,6 +184,10 @@ class ExportSpec(_Strict):
     merged_4bit: bool = Field(False, description="lower fidelity than GGUF q4_k_m; only on request")
     merge_onto_4bit: bool = Field(False, description="allow merging onto a 4-bit base's de-quantized weights")
     gguf: list[Literal[GGUF_TYPES]] = Field(default_factory=lambda: ["q4_k_m", "q8_0", "f16"])  # type: ignore[valid-type]
+    # Each GGUF answers the first test prompt in llama.cpp. stop: it must answer and stop at EOS within the token
+    # limit (a model that never stops is a failed export); answer: a non-empty answer passes even at the limit (for a
+    # stand-in model that cannot have learned to stop; smoke.json says so); off: no smoke test.
+    smoke_test: Literal["stop", "answer", "off"] = "stop"
 
     @model_validator(mode="after")
     def _gguf_needs_merged(self) -> ExportSpec:

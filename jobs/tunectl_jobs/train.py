@@ -254,7 +254,7 @@ def train(ctx: StageContext) -> None:
     stop_ids = contract["stop_token_ids"]
 
     def answer_test_prompts(when: str) -> list[dict[str, Any]]:
-        if not prompts:
+        if not prompts or not r.training.sample_answers:
             return []
         with ctx.phase(f"generate {when}"):
             if unsloth:

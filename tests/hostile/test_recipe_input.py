@@ -196,6 +196,8 @@ def test_set_with_a_mapping_merges_into_the_section(tunectl):
         ("lora.r=100000", "'lora.r': input should be less than or equal to 4096"),
         ("test_prompts=[{instruction: hi, max_new_tokens: 10000000}]", "less than or equal to 32768"),
         ("training..max_steps=3", "has an empty part"),
+        ("export.smoke_test=maybe", "'export.smoke_test': input should be 'stop', 'answer' or 'off'"),
+        ("training.sample_answers=sometimes", "'training.sample_answers': input should be a valid boolean"),
     ],
 )
 def test_numbers_are_bounded_and_never_coerced_from_booleans(tunectl, store, override, expected):

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -106,16 +108,21 @@ class LocalStore(Store):
         dest = self.stage_dir(run, stage)
         dest.mkdir(parents=True, exist_ok=True)
         (dest / MANIFEST).unlink(missing_ok=True)  # a re-run is incomplete until its manifest lands
-        files: dict[str, dict[str, Any]] = {}
+        targets: dict[str, Path] = {}
         for path in sorted(p for p in src.rglob("*") if p.is_file()):
             rel = path.relative_to(src).as_posix()
-            if rel == MANIFEST:
-                continue
-            target = dest / rel
-            copy_atomic(path, target, link=True)
-            files[rel] = {"sha256": sha256_file(target), "size": target.stat().st_size}
+            if rel != MANIFEST:
+                targets[rel] = dest / rel
+                copy_atomic(path, targets[rel], link=True)
+
+        def checksum(rel: str) -> dict[str, Any]:
+            meta = {"sha256": sha256_file(targets[rel]), "size": targets[rel].stat().st_size}
             if progress:
-                progress(files[rel]["size"])
+                progress(meta["size"])
+            return meta
+
+        with _hashing_pool() as pool:
+            files = dict(zip(targets, pool.map(checksum, targets), strict=True))
         doc = manifest_doc(run, stage, manifest, files)
         self.write_json(f"runs/{run}/{stage}/{MANIFEST}", doc)
         return doc
@@ -136,7 +143,8 @@ class LocalStore(Store):
         """Without `dest`, the files are verified where they are, in the stage's directory."""
         doc = self.completed_manifest(run, stage)
         base = self.stage_dir(run, stage)
-        for rel, meta in selected_files(doc, select):
+
+        def one(rel: str, meta: dict[str, Any]) -> None:
             target = None if dest is None else dest / safe_key(rel)
             if target is None or not matches(target, meta):  # a verified copy already there needs nothing more
                 path = base / safe_key(rel)
@@ -151,7 +159,18 @@ class LocalStore(Store):
                     copy_atomic(path, target)
             if progress:
                 progress(meta["size"])
+
+        with _hashing_pool() as pool:
+            # In the manifest's order, so the first bad file is the one named.
+            for job in [pool.submit(one, rel, meta) for rel, meta in selected_files(doc, select)]:
+                job.result()
         return StageArtifacts(run, stage, dest or base, doc)
+
+
+def _hashing_pool() -> ThreadPoolExecutor:
+    """Threads that checksum files side by side (hashlib and file reads run without the GIL): a model in shards,
+    and a stage's several GGUFs, are hashed in the time of the largest file, not of all of them."""
+    return ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1))
 
 
 def _refuse_file_root(root: Path) -> None:
