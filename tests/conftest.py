@@ -343,3 +343,20 @@ def images(tmp_path_factory):
     from tunectl import __version__
 
     return SimpleNamespace(docker=docker, tag=__version__, log=log)
+
+
+@pytest.fixture(scope="session")
+def gpu_images(images):
+    """The train and export images as a GPU cluster runs them (Unsloth, bitsandbytes and PyPI's CUDA torch, which
+    carries the CUDA runtime; the driver comes from the node), on the same local Debian base, tagged VERSION-gpu.
+    No GPU here: what can be checked is what they install and the libraries they would load."""
+    from types import SimpleNamespace
+
+    tag = f"{images.tag}-gpu"
+    cmd = ["images/build.sh", "--tag", tag, "--base", "tunectl-base:bookworm", "train", "export"]
+    with open(images.log, "a") as out:
+        if subprocess.run(
+            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "DOCKER": images.docker}
+        ).returncode:
+            raise AssertionError(f"{' '.join(cmd)} failed:\n{images.log.read_text()[-4000:]}")
+    return SimpleNamespace(docker=images.docker, tag=tag)

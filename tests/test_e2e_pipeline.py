@@ -83,6 +83,10 @@ def test_status_shows_every_stage_succeeded_with_timings(finished_run):
     assert train["final_loss"] < train["first_loss"]
     table = tunectl("status", run).stdout
     assert re.search(r"^gguf\s+succeeded\s+\d+\.\d", table, re.M)
+    # Where each stage's time went, start-up (imports) first: what a user weighs before skipping sample answers.
+    phases = status["stages"][0]["phases"]
+    assert list(phases)[:2] == ["start-up", "load data"] and phases["train"] > 0 and "generate before" in phases
+    assert re.search(r"^phases \(train, s\): start-up [\d.]+, load data [\d.]+, .*train [\d.]+", table, re.M), table
     # Which of the portable build's CPU variants ggml chose on this machine, named in status.
     from tunectl_jobs import llamarun
 

@@ -115,3 +115,39 @@ def test_unreachable_store_is_a_transient_failure(images, tmp_path):
     assert proc.returncode not in (0, 78), proc.stdout + proc.stderr
     assert proc.returncode == 1
     assert "error: " in proc.stderr and "127.0.0.1:9" in proc.stderr
+
+
+# Run inside a GPU image: the versions it installed, and what torch's CUDA library would load on a GPU node.
+_GPU_STACK = """
+import importlib.metadata as md, json, os, subprocess, torch
+import bitsandbytes, datasets, peft, transformers, trl  # the training stack imports (Unsloth needs a GPU to)
+lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cuda.so")
+ldd = subprocess.run(["ldd", lib], capture_output=True, text=True, check=True).stdout
+names = ("torch", "transformers", "peft", "trl", "bitsandbytes", "unsloth", "unsloth-zoo", "datasets", "accelerate")
+print(json.dumps({
+    "versions": {n: md.version(n) for n in names},
+    "cuda": torch.version.cuda,
+    "cudnn": torch.backends.cudnn.version(),
+    "missing": sorted({line.split()[0] for line in ldd.splitlines() if "not found" in line}),
+    "loaded": sorted({line.split()[0] for line in ldd.splitlines() if "=> /" in line and "/nvidia/" in line}),
+}))
+"""
+
+
+@pytest.mark.docker
+@pytest.mark.parametrize("image", ["train", "export"])
+def test_the_gpu_images_carry_the_pinned_training_stack_and_the_cuda_libraries(gpu_images, image):
+    """Built here without a registry (the Debian base made here, PyPI's CUDA torch wheels): every package at the
+    version the GPU benchmarks ran (docs/gpu-benchmarks.md), and every library torch's CUDA code links resolved
+    inside the image but the driver's own `libcuda.so.1`, which the node's NVIDIA runtime mounts."""
+    ref = f"tunectl-{image}:{gpu_images.tag}"
+    proc = subprocess.run(
+        [gpu_images.docker, "run", "--rm", "--network", "none", "--entrypoint", "python", ref, "-c", _GPU_STACK],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    found = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert found["versions"] == {n: _pin(n) for n in found["versions"]}, found["versions"]
+    assert found["cuda"].startswith("13.") and found["cudnn"], found
+    assert set(found["missing"]) <= {"libcuda.so.1"}, found["missing"]
+    assert any(n.startswith("libcudart") for n in found["loaded"]) and any("cublas" in n for n in found["loaded"])

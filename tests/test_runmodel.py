@@ -103,3 +103,13 @@ def test_records_as_json_omit_what_is_not_set():
     )
     s.state, s.stages = RunState.SUCCEEDED, [StageStatus("train", "succeeded")]
     assert s.failure() is None
+
+
+def test_manifest_phases_lead_with_the_time_outside_any_phase():
+    from tunectl.runmodel import manifest_phases
+
+    doc = {"timings": {"seconds": 30.0, "phases": {"load model": 4.04, "train": 20.0}}}
+    assert manifest_phases(doc) == {"start-up": 6.0, "load model": 4.0, "train": 20.0}
+    assert list(manifest_phases(doc)) == ["start-up", "load model", "train"]
+    assert manifest_phases({"timings": {"phases": {"train": 1}}}) is None  # no total: nothing to lead with
+    assert manifest_phases({}) is None

@@ -447,6 +447,9 @@ def _print_status(s: RunStatus) -> None:
         secs = f"{st.seconds:.1f}" if st.seconds is not None else "-"
         click.echo(f"{st.stage:<7} {st.state:<11} {secs:>8}  {_metric_summary(st)}")
     for st in s.stages:
+        if st.phases:
+            click.echo(f"phases ({st.stage}, s): " + ", ".join(f"{k} {v:g}" for k, v in st.phases.items()))
+    for st in s.stages:
         for note in st.notes or []:
             click.echo(f"note ({st.stage}): {note}")
     click.echo(f"artifacts: {s.path}")

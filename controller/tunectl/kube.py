@@ -35,7 +35,16 @@ from .kubestatus import (
 )
 from .recipe import Recipe
 from .render import check_namespace, render_run
-from .runmodel import RunStatus, StageState, StageStatus, duration, error_line, run_state, stages_for
+from .runmodel import (
+    RunStatus,
+    StageState,
+    StageStatus,
+    duration,
+    error_line,
+    manifest_phases,
+    run_state,
+    stages_for,
+)
 
 TIMEOUT_ENV = "TUNECTL_KUBE_TIMEOUT"
 DEFAULT_TIMEOUT_S = 10.0
@@ -388,6 +397,7 @@ class KubernetesBackend(Backend):
             row.metrics = manifest.get("metrics", {})
             row.notes = manifest.get("notes", [])
             row.files = len(manifest["files"])
+            row.phases = manifest_phases(manifest)
 
     def status(self, run: str) -> RunStatus:
         cm = self.run_record(run)

@@ -26,7 +26,17 @@ from .files import create_fresh, write_atomic
 from .recipe import Recipe
 from .refs import resolve
 from .runid import is_run_id, new_run_id
-from .runmodel import RunState, RunStatus, StageState, StageStatus, duration, error_line, run_state, stages_for
+from .runmodel import (
+    RunState,
+    RunStatus,
+    StageState,
+    StageStatus,
+    duration,
+    error_line,
+    manifest_phases,
+    run_state,
+    stages_for,
+)
 from .stageexit import STATUS_ENV, describe, phase_text, read_status_file
 from .stores import CorruptDocument, Store
 
@@ -353,6 +363,7 @@ class LocalBackend(Backend):
             s.metrics = manifest.get("metrics", {})
             s.notes = manifest.get("notes", [])
             s.files = len(manifest["files"])
+            s.phases = manifest_phases(manifest)
         return s
 
     def logs(self, run: str, stage: str | None, follow: bool = False) -> Iterator[tuple[str, str]]:

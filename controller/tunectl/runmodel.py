@@ -155,6 +155,17 @@ def _plain(record: Any) -> dict[str, Any]:
     return out
 
 
+def manifest_phases(manifest: dict[str, Any]) -> dict[str, float] | None:
+    """Seconds per phase of a finished stage, in the order it ran them, led by "start-up": the stage program's time
+    outside any phase (imports of the ML libraries, Unsloth's patching, opening the store)."""
+    timings = manifest.get("timings") or {}
+    phases, seconds = timings.get("phases"), timings.get("seconds")
+    if not isinstance(phases, dict) or not isinstance(seconds, (int, float)):
+        return None
+    timed = {str(k): float(v) for k, v in phases.items() if isinstance(v, (int, float))}
+    return {"start-up": round(max(0.0, seconds - sum(timed.values())), 1)} | {k: round(v, 1) for k, v in timed.items()}
+
+
 @dataclass
 class StageStatus:
     """One stage of one run, as either backend sees it."""
@@ -173,6 +184,7 @@ class StageStatus:
     notes: list[str] | None = None  # from the stage's manifest: what was substituted on this machine
     files: int | None = None  # files in the stage's manifest
     checkpoint: dict[str, Any] | None = None  # train, unfinished: its newest checkpoint (step, saved, why, bytes)
+    phases: dict[str, float] | None = None  # from the stage's manifest: seconds per phase (manifest_phases)
 
     def __post_init__(self) -> None:
         self.state = StageState(self.state)

@@ -116,10 +116,11 @@ class LocalStore(Store):
                 copy_atomic(path, targets[rel], link=True)
 
         def checksum(rel: str) -> dict[str, Any]:
-            meta = {"sha256": sha256_file(targets[rel]), "size": targets[rel].stat().st_size}
+            size = targets[rel].stat().st_size
+            digest = sha256_file(targets[rel])
             if progress:
-                progress(meta["size"])
-            return meta
+                progress(size)
+            return {"sha256": digest, "size": size}
 
         with _hashing_pool() as pool:
             files = dict(zip(targets, pool.map(checksum, targets), strict=True))
