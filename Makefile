@@ -28,7 +28,7 @@ MINIO  := $(TOOLS)/minio-$(MINIO_VERSION)/minio
 MC     := $(TOOLS)/mc-$(MC_VERSION)/mc
 
 .PHONY: setup light-venv tools cluster-tools slow-deps demo test test-fast test-slow lint typecheck constraints \
-  bench-s3 bench-k8s images images-local clean-venv
+  bench-s3 bench-k8s images images-local images-gpu-local clean-venv
 
 $(STAMP):
 	$(PYTHON) -m venv $(VENV)
@@ -153,6 +153,11 @@ images:
 images-local:
 	images/base/build-local-base.sh $(LOCAL_BASE)
 	images/build.sh --tag $(IMAGE_TAG) --base $(LOCAL_BASE) --cpu
+
+# The GPU train and export images on the same local base (PyPI's CUDA torch; the driver comes from the node).
+images-gpu-local:
+	images/base/build-local-base.sh $(LOCAL_BASE)
+	images/build.sh --tag $(IMAGE_TAG)-gpu --base $(LOCAL_BASE) train export
 
 # Submit latency and 200 runs at once on the test control plane (a benchmark, not a test).
 bench-k8s: setup tools cluster-tools

@@ -120,3 +120,34 @@ def test_credentials_in_an_s3_store_uri_are_refused_without_being_repeated():
         open_store("s3://AKIAEXAMPLE:s3cr3t@bucket/prefix")
     assert "s3cr3t" not in str(e.value) and "AKIAEXAMPLE" not in str(e.value)
     assert str(e.value).startswith("store s3://***@bucket/prefix: credentials do not belong in the store URI")
+
+
+def test_early_checksums_serve_only_the_unchanged_file_they_read(tmp_path: Path):
+    """A stage's finished file is hashed in the background; publishing (a hard link of it in a directory store)
+    uses that digest, and a file written to after it was hashed gets none: it is read again."""
+    import os
+    import time
+
+    from tunectl.stores.manifest import EarlyChecksums
+
+    early = EarlyChecksums()
+    done, later = tmp_path / "done.gguf", tmp_path / "later.gguf"
+    done.write_bytes(os.urandom(3 << 20))
+    later.write_bytes(b"first")
+    early.soon(done)
+    early.soon(later)
+    assert early.digest(done) == sha256_file(done)
+    os.link(done, tmp_path / "linked.gguf")
+    assert early.digest(tmp_path / "linked.gguf") == sha256_file(done)
+    time.sleep(0.01)
+    later.write_bytes(b"second")
+    assert early.digest(later) is None and early.digest(tmp_path / "never-hashed") is None
+    early.close()
+
+    store, src = LocalStore(tmp_path / "s"), tmp_path / "out"
+    _stage_files(src)
+    weights = src / "adapter" / "weights.bin"
+    planted = "0" * 64  # not the file's: proves the publish took the digest it was given instead of reading
+    doc = store.publish("r1", "train", src, {}, digests=lambda p: planted if p.name == weights.name else None)
+    assert doc["files"]["adapter/weights.bin"]["sha256"] == planted
+    assert doc["files"]["loss.json"]["sha256"] == sha256_file(src / "loss.json")

@@ -107,6 +107,8 @@ def gguf(ctx: StageContext) -> None:
     high_file = ctx.out / f"{stem}-{high}.gguf"
     with ctx.phase(f"convert {high}", file=high_file.name):
         convert(script, src, high_file, high)
+    if high in types:
+        ctx.finished(high_file)  # hashed while the other types are made (16 GB for an 8B model)
     files: dict[str, Path] = {high: high_file}
     for t in types:
         if t in files:
@@ -118,6 +120,7 @@ def gguf(ctx: StageContext) -> None:
         else:
             with ctx.phase(f"quantize {t}", file=dst.name, native="llama.cpp"):
                 quantize(high_file, dst, t)
+        ctx.finished(dst)
         files[t] = dst
     if high not in types:
         high_file.unlink()

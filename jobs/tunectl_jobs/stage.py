@@ -31,6 +31,7 @@ from tunectl.recipe import Recipe, recipe_from_file
 from tunectl.runmodel import format_error
 from tunectl.stageexit import write_status
 from tunectl.stores import Store, open_store
+from tunectl.stores.manifest import EarlyChecksums
 
 log = logging.getLogger("tunectl")
 
@@ -58,7 +59,13 @@ class StageContext:
     after_publish: list[Callable[[], None]] = field(default_factory=list)
     # Where the stage is, as its status document says (tunectl.stageexit): what a crash report names.
     where: dict[str, Any] = field(default_factory=dict)
+    # Outputs hashed while the stage goes on (finished()), so publishing them does not read them again.
+    checksums: EarlyChecksums = field(default_factory=EarlyChecksums)
     _t0: float = field(default_factory=time.monotonic)
+
+    def finished(self, path: Path) -> None:
+        """`path` is written and will not change: its checksum is computed now, in the background."""
+        self.checksums.soon(path)
 
     def phase(self, name: str, *, file: str | None = None, native: str | None = None) -> _Phase:
         """`with ctx.phase("load"):` times a step and logs its start and end. `file`: what the step works on;
@@ -84,7 +91,7 @@ class StageContext:
             "notes": self.notes,
             **self.extra,
         }
-        doc = self.store.publish(self.run, self.name, self.out, manifest)
+        doc = self.store.publish(self.run, self.name, self.out, manifest, digests=self.checksums.digest)
         shutil.rmtree(self.out, ignore_errors=True)  # published; a failed stage keeps its scratch to inspect
         log.info("published %d files to %s/runs/%s/%s", len(doc["files"]), self.store.uri, self.run, self.name)
         for hook in self.after_publish:
@@ -185,3 +192,6 @@ def run_stage(name: str, body: Callable[[StageContext], None], argv: list[str] |
         return fail(e, EXIT_FAILURE)
     except KeyboardInterrupt:
         return fail("interrupted", 130)
+    finally:
+        if ctx is not None:
+            ctx.checksums.close()  # hashes not yet begun are dropped (a failed stage publishes nothing)

@@ -213,7 +213,9 @@ def train(ctx: StageContext) -> None:
     checkpoints.on_sigterm(_stopped)
     unsloth = _use_unsloth()
     if unsloth:
-        import unsloth as _  # noqa: F401  (patches transformers/trl; must come before they are imported)
+        # Its own phase: Unsloth patches transformers and TRL (and compiles) as it is imported, a cost status shows.
+        with ctx.phase("import unsloth"):
+            import unsloth as _  # noqa: F401  (patches transformers/trl; must come before they are imported)
     with ctx.phase("load data"):
         ds, lines = data.load_rows(r.data)
     loaded_rows = len(ds)

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ArtifactError
-from .manifest import MANIFEST, StageArtifacts, check_manifest, safe_key
+from .manifest import MANIFEST, Digests, StageArtifacts, check_manifest, safe_key
 
 Progress = Callable[[int], None]
 """Told the number of bytes just transferred, or found already in place, as a transfer goes on."""
@@ -115,13 +115,20 @@ class Store(ABC):
 
     @abstractmethod
     def publish(
-        self, run: str, stage: str, src: Path, manifest: dict[str, Any], progress: Progress | None = None
+        self,
+        run: str,
+        stage: str,
+        src: Path,
+        manifest: dict[str, Any],
+        progress: Progress | None = None,
+        digests: Digests | None = None,
     ) -> dict[str, Any]:
         """Commit the files under the local directory `src` as the stage's artifacts and return the manifest.
 
         The stage's old manifest goes first; then every file (a `manifest.json` in `src` excepted), its sha256
         and size recorded; last the manifest: `manifest` (metrics and the like) plus schema, run, stage and
-        the file list. Safe to repeat after an interruption; files already in place may be skipped."""
+        the file list. Safe to repeat after an interruption; files already in place may be skipped. `digests`
+        gives a file's sha256 where it was computed already (EarlyChecksums), else None."""
 
     @abstractmethod
     def delete(self, run: str, stage: str) -> None:

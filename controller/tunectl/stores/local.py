@@ -15,6 +15,7 @@ from ..files import copy_atomic, write_atomic
 from .base import Progress, Store
 from .manifest import (
     MANIFEST,
+    Digests,
     StageArtifacts,
     manifest_doc,
     matches,
@@ -102,7 +103,13 @@ class LocalStore(Store):
 
     # -- stage handoff
     def publish(
-        self, run: str, stage: str, src: Path, manifest: dict[str, Any], progress: Progress | None = None
+        self,
+        run: str,
+        stage: str,
+        src: Path,
+        manifest: dict[str, Any],
+        progress: Progress | None = None,
+        digests: Digests | None = None,
     ) -> dict[str, Any]:
         """Move `src`'s files into the stage's place, then write the manifest (the commit point)."""
         dest = self.stage_dir(run, stage)
@@ -117,7 +124,7 @@ class LocalStore(Store):
 
         def checksum(rel: str) -> dict[str, Any]:
             size = targets[rel].stat().st_size
-            digest = sha256_file(targets[rel])
+            digest = (digests and digests(targets[rel])) or sha256_file(targets[rel])
             if progress:
                 progress(size)
             return {"sha256": digest, "size": size}

@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -53,6 +54,43 @@ def sha256_stream(f: IO[bytes], length: int) -> hashlib._Hash:
         h.update(chunk)
         length -= len(chunk)
     return h
+
+
+# A publish's way to a file's sha256 computed before it (EarlyChecksums.digest); None: compute it now.
+Digests = Callable[[Path], str | None]
+
+
+class EarlyChecksums:
+    """The sha256 of a stage's finished files, computed in the background while the stage goes on, so publishing
+    does not read them a second time (a 16 GB GGUF is hashed while the next type is quantized). A digest is handed
+    out only for the very file it was computed from, unchanged since: same device and inode (a hard link of it
+    counts), size and modification time."""
+
+    def __init__(self, workers: int = 2):
+        self._pool = ThreadPoolExecutor(max_workers=workers)
+        self._jobs: dict[tuple[int, int], tuple[tuple[int, int], Future[str]]] = {}
+
+    def soon(self, path: Path) -> None:
+        st = os.stat(path)
+        self._jobs[(st.st_dev, st.st_ino)] = ((st.st_size, st.st_mtime_ns), self._pool.submit(sha256_file, path))
+
+    def digest(self, path: Path) -> str | None:
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        job = self._jobs.get((st.st_dev, st.st_ino))
+        if job is None or job[0] != (st.st_size, st.st_mtime_ns):
+            return None
+        try:
+            digest = job[1].result()
+        except OSError:
+            return None
+        # Written to while it was read (its time changed since): the digest may be of neither version.
+        return digest if (os.stat(path).st_size, os.stat(path).st_mtime_ns) == job[0] else None
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
 
 
 def matches(path: Path, meta: dict[str, Any], follow: bool = False) -> bool:

@@ -37,6 +37,7 @@ from ..files import create_fresh, open_regular, read_regular, write_atomic
 from .base import Progress, Store
 from .manifest import (
     MANIFEST,
+    Digests,
     StageArtifacts,
     manifest_doc,
     matches,
@@ -292,16 +293,23 @@ class S3Store(Store):
 
         return self._retry(f"checking {key}", head)
 
-    def _upload(self, path: Path, key: str, known: dict[str, Any] | None, progress: Progress | None) -> dict[str, Any]:
+    def _upload(
+        self,
+        path: Path,
+        key: str,
+        known: dict[str, Any] | None,
+        progress: Progress | None,
+        sha: str | None = None,
+    ) -> dict[str, Any]:
         """Upload one file unless `known` (its journal entry) shows the object already holds it.
 
         Returns the file's journal entry: sha256, size and the object's ETag. A file seen for the first time
-        is hashed while it uploads; a file with a journal entry is hashed first to decide whether to send it.
+        is hashed while it uploads (unless `sha` has its digest already); a file with a journal entry is hashed
+        first to decide whether to send it.
         """
         size = path.stat().st_size
-        sha = None
         if known is not None and known.get("size") == size:
-            sha = sha256_file(path)
+            sha = sha or sha256_file(path)
             head = self._head(key) if sha == known.get("sha256") else None
             if head is not None and head["ContentLength"] == size and head["ETag"] == known.get("etag"):
                 if progress:
@@ -324,7 +332,13 @@ class S3Store(Store):
         return {"sha256": sha, "size": size, "etag": head["ETag"] if head else None}
 
     def publish(
-        self, run: str, stage: str, src: Path, manifest: dict[str, Any], progress: Progress | None = None
+        self,
+        run: str,
+        stage: str,
+        src: Path,
+        manifest: dict[str, Any],
+        progress: Progress | None = None,
+        digests: Digests | None = None,
     ) -> dict[str, Any]:
         """Upload `src`'s files (skipping those already there), then the manifest, the commit point.
 
@@ -340,7 +354,8 @@ class S3Store(Store):
         rels = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
         rels = [rel for rel in rels if rel != MANIFEST]
         for rel in rels:
-            journal[rel] = self._upload(src / rel, f"{prefix}/{rel}", journal.get(rel), progress)
+            early = digests(src / rel) if digests else None
+            journal[rel] = self._upload(src / rel, f"{prefix}/{rel}", journal.get(rel), progress, early)
             self.write_json(f"{prefix}/{JOURNAL}", journal)
         files = {rel: {"sha256": journal[rel]["sha256"], "size": journal[rel]["size"]} for rel in rels}
         doc = manifest_doc(run, stage, manifest, files)
