@@ -158,13 +158,10 @@ def cmd_run(a: argparse.Namespace) -> int:
     q4_bytes = sum(f.stat().st_size for f in (work / gpu_train.Q4_DIR).glob("*.safetensors"))
     runs = store / "runs" / run
 
-    def published(stage: str) -> int:
-        p = runs / stage / "manifest.json"
-        return sum(f["size"] for f in json.loads(p.read_text())["files"].values()) if p.is_file() else 0
-
     # What each stage reads: train the NF4 checkpoint; merge the adapter and the 16-bit base; gguf the merged model.
     merged = sum(f["size"] for k, f in _files(runs / "merge").items() if k.startswith("merged-16bit/"))
-    reads = {"train": q4_bytes, "merge": published("train") + base_bytes, "gguf": merged}
+    adapter = sum(f["size"] for f in _files(runs / "train").values())
+    reads = {"train": q4_bytes, "merge": adapter + base_bytes, "gguf": merged}
     stages = [stage_report(store, run, s, sampler, reads[s]) for s in STAGES]
     result = {
         "exit_code": proc.returncode,

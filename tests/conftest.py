@@ -134,13 +134,12 @@ def pytest_runtest_makereport(item, call):
     # A failed cluster test shows what the cluster saw (pods, events, the node's disk), not only its last wait.
     if report.when == "call" and report.failed:
         args = getattr(item, "funcargs", {})
-        sections = {"kube": lambda: args["kube"].diagnose(), "node": lambda: args["node"].disk_problem() or "disk ok"}
-        for name, read in sections.items():
-            if name in args and hasattr(args[name], "disk_problem" if name == "node" else "diagnose"):
-                try:
-                    report.sections.append((f"test cluster ({name})", read()))
-                except Exception as e:  # noqa: BLE001 - the cluster itself may be what failed
-                    report.sections.append((f"test cluster ({name})", f"could not be read: {e}"))
+        readers = {"kube": lambda kube: kube.diagnose(), "node": lambda node: node.disk_problem() or "disk ok"}
+        for name in [n for n in readers if n in args]:
+            try:
+                report.sections.append((f"test cluster ({name})", readers[name](args[name])))
+            except Exception as e:  # noqa: BLE001 - the cluster itself may be what failed
+                report.sections.append((f"test cluster ({name})", f"could not be read: {e}"))
 
 
 @pytest.hookimpl(hookwrapper=True)
@@ -332,14 +331,8 @@ def images(tmp_path_factory):
     requires("docker")
     docker = docker_engine()
     log = tmp_path_factory.mktemp("images") / "build.log"
-    env = {**os.environ, "DOCKER": docker}
-    with open(log, "w") as out:
-        for cmd in (
-            ["images/base/build-local-base.sh", "tunectl-base:bookworm"],
-            ["images/build.sh", "--base", "tunectl-base:bookworm", "--cpu"],
-        ):
-            if subprocess.run(cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env).returncode != 0:
-                raise AssertionError(f"{' '.join(cmd)} failed:\n{log.read_text()[-4000:]}")
+    _build_images(docker, log, ["images/base/build-local-base.sh", "tunectl-base:bookworm"])
+    _build_images(docker, log, ["images/build.sh", "--base", "tunectl-base:bookworm", "--cpu"])
     from tunectl import __version__
 
     return SimpleNamespace(docker=docker, tag=__version__, log=log)
@@ -353,10 +346,15 @@ def gpu_images(images):
     from types import SimpleNamespace
 
     tag = f"{images.tag}-gpu"
-    cmd = ["images/build.sh", "--tag", tag, "--base", "tunectl-base:bookworm", "train", "export"]
-    with open(images.log, "a") as out:
-        if subprocess.run(
-            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "DOCKER": images.docker}
-        ).returncode:
-            raise AssertionError(f"{' '.join(cmd)} failed:\n{images.log.read_text()[-4000:]}")
+    _build_images(images.docker, images.log, ["images/build.sh", "--tag", tag, "--base", "tunectl-base:bookworm",
+                                              "train", "export"])  # fmt: skip
     return SimpleNamespace(docker=images.docker, tag=tag)
+
+
+def _build_images(docker: str, log: Path, cmd: list[str]) -> None:
+    """Run an image build script from the repository root, its output appended to `log`; a failure shows the tail."""
+    with open(log, "a") as out:
+        if subprocess.run(
+            cmd, cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env={**os.environ, "DOCKER": docker}
+        ).returncode:
+            raise AssertionError(f"{' '.join(cmd)} failed:\n{log.read_text()[-4000:]}")

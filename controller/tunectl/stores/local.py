@@ -19,6 +19,7 @@ from .manifest import (
     StageArtifacts,
     manifest_doc,
     matches,
+    output_files,
     parse_document,
     safe_key,
     selected_files,
@@ -115,12 +116,9 @@ class LocalStore(Store):
         dest = self.stage_dir(run, stage)
         dest.mkdir(parents=True, exist_ok=True)
         (dest / MANIFEST).unlink(missing_ok=True)  # a re-run is incomplete until its manifest lands
-        targets: dict[str, Path] = {}
-        for path in sorted(p for p in src.rglob("*") if p.is_file()):
-            rel = path.relative_to(src).as_posix()
-            if rel != MANIFEST:
-                targets[rel] = dest / rel
-                copy_atomic(path, targets[rel], link=True)
+        targets = {rel: dest / rel for rel in output_files(src)}
+        for rel, target in targets.items():
+            copy_atomic(src / rel, target, link=True)
 
         def checksum(rel: str) -> dict[str, Any]:
             size = targets[rel].stat().st_size

@@ -77,20 +77,25 @@ class EarlyChecksums:
     def digest(self, path: Path) -> str | None:
         try:
             st = os.stat(path)
-        except OSError:
-            return None
-        job = self._jobs.get((st.st_dev, st.st_ino))
-        if job is None or job[0] != (st.st_size, st.st_mtime_ns):
-            return None
-        try:
+            job = self._jobs.get((st.st_dev, st.st_ino))
+            if job is None or job[0] != (st.st_size, st.st_mtime_ns):
+                return None
             digest = job[1].result()
+            after = os.stat(path)
         except OSError:
             return None
         # Written to while it was read (its time changed since): the digest may be of neither version.
-        return digest if (os.stat(path).st_size, os.stat(path).st_mtime_ns) == job[0] else None
+        return digest if (after.st_size, after.st_mtime_ns) == job[0] else None
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def output_files(src: Path) -> list[str]:
+    """The files a stage wrote under `src`, as sorted relative paths, a `manifest.json` there excepted (a store
+    writes its own): what publish commits."""
+    rels = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+    return [rel for rel in rels if rel != MANIFEST]
 
 
 def matches(path: Path, meta: dict[str, Any], follow: bool = False) -> bool:

@@ -41,6 +41,7 @@ from .manifest import (
     StageArtifacts,
     manifest_doc,
     matches,
+    output_files,
     parse_document,
     safe_key,
     selected_files,
@@ -351,8 +352,7 @@ class S3Store(Store):
             lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(f"{prefix}/{MANIFEST}")),
         )
         journal: dict[str, Any] = self.read_json(f"{prefix}/{JOURNAL}") or {}
-        rels = sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
-        rels = [rel for rel in rels if rel != MANIFEST]
+        rels = output_files(src)
         for rel in rels:
             early = digests(src / rel) if digests else None
             journal[rel] = self._upload(src / rel, f"{prefix}/{rel}", journal.get(rel), progress, early)
