@@ -19,7 +19,11 @@ written per stage, and how busy the GPU was in each stage (NVML, sampled every 1
     # there (carry .gpu/wheels-ckpt, .gpu/llama, .gpu/smollm2-shape):
     python3 -m pip install -q --no-index --no-deps --target /tmp/site .gpu/wheels-ckpt/*.whl .gpu/llama/*.whl
     export PYTHONPATH=/tmp/site TUNECTL_LLAMA_CPP_DIR=$PWD/.gpu/llama/tree/0.3.36
-    python3 benchmarks/gpu_pipeline.py run --work /tmp/tunectl-bench --out OUTDIR
+    python3 benchmarks/gpu_pipeline.py run --work /tmp/tunectl-bench --out OUTDIR --hub-mb-s 100
+
+With `--hub-mb-s`, the 16-bit merge base is a Hub id served by a stand-in Hub (tests/hub_server.py) at that rate,
+as a real run downloads it: the train stage fetches it beside its steps, and the table says how long that took and
+how long training then waited for it.
 """
 
 from __future__ import annotations
@@ -36,11 +40,12 @@ from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
-for _p in (REPO / "controller", REPO / "jobs", REPO / "benchmarks"):
+for _p in (REPO / "controller", REPO / "jobs", REPO / "benchmarks", REPO / "tests"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
 STAGES = ("train", "merge", "gguf")
+HUB_ID = "bench/llama-3-8b-shape"
 
 
 class GpuSampler:
@@ -139,11 +144,24 @@ def cmd_run(a: argparse.Namespace) -> int:
         f"export.smoke_test={a.smoke}",
         *a.set,
     ]
+    base_dir = work / gpu_train.BASE_DIR
+    hub = None
+    if a.hub_mb_s:
+        # The merge base from a stand-in Hub at a stated rate: the train stage downloads it beside its steps
+        # (jobs/tunectl_jobs/prefetch.py). The Hub's copy lives in memory (/dev/shm): the GPU machine's disk cannot
+        # hold the base twice besides the run's outputs.
+        from hub_server import HubServer
+
+        base_dir = _in_memory(base_dir, Path(a.hub_dir))
+        hub = HubServer({HUB_ID: base_dir}, bytes_per_s=a.hub_mb_s * 1e6).__enter__()
+        sets.append(f"model.merge_base={HUB_ID}")
     cmd = [sys.executable, "-m", "tunectl.cli", "--store", str(store), "submit", "ruozhiba", "--backend", "local"]
     for s in sets:
         cmd += ["--set", s]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "controller"), str(REPO / "jobs"),
                                                          os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+    if hub is not None:
+        env |= {"HF_ENDPOINT": hub.endpoint, "HF_HOME": str(work / "hf")}
     log_path = Path(a.out) / "submit.log"
     Path(a.out).mkdir(parents=True, exist_ok=True)
     print(f"model ready ({prep_s:.0f}s): {json.dumps(model)}", flush=True)
@@ -151,10 +169,12 @@ def cmd_run(a: argparse.Namespace) -> int:
         submitted = time.time()
         proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=work)
         waited = time.time() - submitted
+    if hub is not None:
+        hub.__exit__(None, None, None)
     text = log_path.read_text(errors="replace")
     found = re.search(r"^run (\S+): stages", text, re.M)
     run = found.group(1) if found else ""
-    base_bytes = sum(f.stat().st_size for f in (work / gpu_train.BASE_DIR).glob("*.safetensors"))
+    base_bytes = sum(f.stat().st_size for f in base_dir.glob("*.safetensors"))
     q4_bytes = sum(f.stat().st_size for f in (work / gpu_train.Q4_DIR).glob("*.safetensors"))
     runs = store / "runs" / run
 
@@ -168,6 +188,7 @@ def cmd_run(a: argparse.Namespace) -> int:
         "run": run,
         "submit_to_done_s": round(waited, 1),
         "stages": stages,
+        "merge_base_hub": {"mb_per_s": a.hub_mb_s, "downloads": hub.downloads} if hub else None,
         "recipe_sets": sets,
         "model": model,
         "data": {k: v for k, v in data.items() if k != "example"},
@@ -180,6 +201,22 @@ def cmd_run(a: argparse.Namespace) -> int:
     (Path(a.out) / "pipeline.json").write_text(json.dumps(result, indent=1, default=str, ensure_ascii=False))
     print_table(result)
     return proc.returncode
+
+
+def _in_memory(base_dir: Path, hub_dir: Path) -> Path:
+    """Move the 16-bit base into `hub_dir` (a tmpfs) once; where it is, if there."""
+    dest = hub_dir / base_dir.name
+    if dest.is_dir() and not base_dir.exists():
+        return dest
+    need = _size(base_dir)
+    hub_dir.mkdir(parents=True, exist_ok=True)
+    free = os.statvfs(hub_dir).f_bavail * os.statvfs(hub_dir).f_frsize
+    if free < need + 2**30:
+        sys.exit(f"error: {hub_dir} has {free / 1e9:.1f} GB free, the base needs {need / 1e9:.1f}: pass --hub-dir")
+    import shutil
+
+    shutil.move(base_dir, dest)
+    return dest
 
 
 def _cpu() -> dict[str, Any]:
@@ -211,6 +248,15 @@ def print_table(r: dict[str, Any]) -> None:
         print(f"{s['stage']:6} {s['wall_s']:7} {s['read_gb']:8} {s['written_gb']:9} {busy:>9} {peak:>9}  {phases}")
     total = sum(s.get("wall_s", 0) for s in r["stages"])
     print(f"sum of stages {total:.1f} s; between and around them {r['submit_to_done_s'] - total:.1f} s")
+    hub, train = r.get("merge_base_hub"), r["stages"][0]
+    fetched = (train.get("metrics") or {}).get("merge_base_prefetch")
+    if hub and fetched:
+        print(
+            f"merge base from the stand-in Hub at {hub['mb_per_s']:g} MB/s: {fetched.get('bytes', 0) / 1e9:.1f} GB in "
+            f"{fetched.get('download_seconds', '?')} s beside training; train waited "
+            f"{train['phases_s'].get('wait for merge base', 0)} s for it; merge fetched it in "
+            f"{r['stages'][1].get('phases_s', {}).get('fetch merge base', '?')} s"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--smoke", default="answer", choices=["stop", "answer", "off"])
     r.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="more recipe overrides")
     r.add_argument("--tiny", action="store_true", help="a tiny shape on the CPU: a smoke test of this script")
+    r.add_argument("--hub-mb-s", type=float, default=0, help="serve the merge base from a stand-in Hub at this MB/s")
+    r.add_argument("--hub-dir", default="/dev/shm/tunectl-hub", help="where the stand-in Hub keeps the base")
     t = sub.add_parser("table", help="print the table of a pipeline.json")
     t.add_argument("results")
     a = p.parse_args(argv)

@@ -20,8 +20,10 @@ from typing import Any
 
 from tunectl.contract import check_model_dir
 from tunectl.errors import ConfigError
+from tunectl.refs import resolve
 
 from . import models
+from .prefetch import MERGE_BASE
 from .stage import StageContext, run_stage
 
 log = logging.getLogger("tunectl")
@@ -41,7 +43,7 @@ def merge_16bit(ctx: StageContext, adapter: Path, contract: dict[str, Any], dest
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     r = ctx.recipe
-    base = models.base_model_path(r.model.merge_base_name())
+    base = merge_base(ctx)
     if _is_4bit(AutoConfig.from_pretrained(base)):
         if not r.export.merge_onto_4bit:
             raise ConfigError(
@@ -67,9 +69,29 @@ def merge_16bit(ctx: StageContext, adapter: Path, contract: dict[str, Any], dest
     with ctx.phase("save merged 16-bit"):
         model.save_pretrained(dest, safe_serialization=True, max_shard_size="5GB")
         AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(dest)
-    ctx.inputs["merge_base"] = base
+    ctx.inputs["merge_base"] = r.model.merge_base_name() if "merge_base_revision" in ctx.inputs else base
     ctx.metrics["merged_dtype"] = str(out_dtype).removeprefix("torch.")
     del model
+
+
+def merge_base(ctx: StageContext) -> str:
+    """The 16-bit base to load: the copy the train stage downloaded into the store while it trained (deleted once
+    this stage has published), else the recipe's model, downloaded now if it is a Hub id."""
+    name = ctx.recipe.model.merge_base_name()
+    ahead = ctx.store.manifest(ctx.run, MERGE_BASE)
+    if ahead is None or ahead["inputs"].get("hub_id") != resolve(name, "model").hub_id:
+        return models.base_model_path(name)
+    with ctx.phase("fetch merge base"):
+        fetched = ctx.store.fetch(ctx.run, MERGE_BASE)
+    ctx.inputs["merge_base_revision"] = ahead["inputs"]["revision"]
+
+    def drop() -> None:  # the store's entry, and a remote store's local copy: the Hub keeps the original
+        ctx.store.delete(ctx.run, MERGE_BASE)
+        shutil.rmtree(fetched.path, ignore_errors=True)
+
+    ctx.after_publish.append(drop)
+    log.info("merging onto %s@%s, downloaded during training", name, ahead["inputs"]["revision"][:12])
+    return str(fetched.path)
 
 
 def merge_4bit(ctx: StageContext, merged16: Path, dest: Path) -> None:

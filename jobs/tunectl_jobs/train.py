@@ -5,7 +5,8 @@ otherwise transformers + PEFT with the same hyperparameters, and every substitut
 recorded in the manifest's `notes`.
 
 Outputs: `adapter/` (LoRA weights + tokenizer with the EOS contract applied), `loss.json`, `loss.png`,
-`generations.json` (test prompts before and after training).
+`generations.json` (test prompts before and after training). Beside it, the merge base downloads from the Hub into
+the store (prefetch.py).
 
     python -m tunectl_jobs.train --recipe recipe.yaml --store DIR --run RUN_ID
 """
@@ -23,6 +24,7 @@ from tunectl.errors import ConfigError, Preempted
 from tunectl.recipe import LoraSpec, Recipe
 
 from . import checkpoints, data, models
+from .prefetch import Prefetch
 from .stage import StageContext, run_stage
 
 log = logging.getLogger("tunectl")
@@ -207,6 +209,24 @@ def _stopped(signum: int, frame: Any) -> None:
 
 
 def train(ctx: StageContext) -> None:
+    # The merge base downloads beside training where it comes from the Hub (prefetch.py).
+    prefetch = Prefetch.start(ctx.store, ctx.run, ctx.recipe)
+    try:
+        fine_tune(ctx)
+        if prefetch is not None:
+            with ctx.phase("wait for merge base"):
+                done = prefetch.wait()
+            ctx.metrics["merge_base_prefetch"] = done
+            if "error" in done:
+                ctx.note(
+                    f"merge base {done['hub_id']} not downloaded ahead ({done['error']}): the merge stage downloads it"
+                )
+    finally:
+        if prefetch is not None:
+            prefetch.stop()
+
+
+def fine_tune(ctx: StageContext) -> None:
     r: Recipe = ctx.recipe
     # SIGTERM outside the training steps ends the stage as preempted at once; within them the store callback saves
     # a checkpoint first (checkpoints.py).
