@@ -6,7 +6,7 @@ the Hub's HTTP API that `huggingface_hub.snapshot_download` and `from_pretrained
     HEAD /{repo}/resolve/{rev}/{file}        X-Repo-Commit, ETag, Content-Length
     GET  /{repo}/resolve/{rev}/{file}        the bytes (Range: bytes=N- for a resumed download)
 
-It can send at a stated rate (`bytes_per_s`, for measuring a download at a given bandwidth), refuse the first
+It can send at a stated rate (`bytes_per_s`, all transfers together: a download at a given bandwidth), refuse the first
 `refuse_downloads` file requests with 403 (a download that fails), and it records every file GET (`downloads`).
 """
 
@@ -52,6 +52,7 @@ class HubServer:
         self.refuse_downloads = refuse_downloads
         self.downloads: list[str] = []  # "repo/file" for each file GET answered with bytes
         self._lock = threading.Lock()
+        self._active, self._sent, self._t0 = 0, 0, time.monotonic()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -67,6 +68,24 @@ class HubServer:
     def __exit__(self, *exc: object) -> None:
         self._server.shutdown()
         self._server.server_close()
+
+    def _transfers(self, change: int) -> None:
+        """Count the transfers in flight; the rate's clock starts again whenever one starts on an idle server."""
+        with self._lock:
+            if self._active == 0:
+                self._t0, self._sent = time.monotonic(), 0
+            self._active += change
+
+    def _pace(self, n: int) -> None:
+        """The stated rate holds for all transfers together (a client fetches several files at once): sleep until
+        the bytes sent so far are due."""
+        if not self.bytes_per_s:
+            return
+        with self._lock:
+            self._sent += n
+            ahead = self._sent / self.bytes_per_s - (time.monotonic() - self._t0)
+        if ahead > 0:
+            time.sleep(ahead)
 
     def _refused(self) -> bool:
         with self._lock:
@@ -156,15 +175,14 @@ class HubServer:
                 self._send(f.path, start)
 
             def _send(self, path: Path, start: int) -> None:
-                t0, sent = time.monotonic(), 0
                 with open(path, "rb") as src:
                     src.seek(start)
-                    while block := src.read(CHUNK):
-                        self.wfile.write(block)
-                        sent += len(block)
-                        if hub.bytes_per_s:  # hold the average rate: sleep until the bytes sent are due
-                            ahead = sent / hub.bytes_per_s - (time.monotonic() - t0)
-                            if ahead > 0:
-                                time.sleep(ahead)
+                    hub._transfers(+1)
+                    try:
+                        while block := src.read(CHUNK):
+                            hub._pace(len(block))
+                            self.wfile.write(block)
+                    finally:
+                        hub._transfers(-1)
 
         return Handler
