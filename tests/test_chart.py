@@ -335,3 +335,28 @@ def test_no_pod_runs_its_program_as_pid_1(recipe):
     pod shares its process namespace and the sandbox's pause process is PID 1."""
     for job in by_kind(rendered(recipe), "Job"):
         assert job["spec"]["template"]["spec"]["shareProcessNamespace"] is True, job["metadata"]["name"]
+
+
+def test_a_distributed_train_stage_gets_a_gpu_per_process(recipe):
+    """training.nproc_per_node processes run in the train pod (torchrun inside): one GPU each, checked before
+    anything reaches the cluster; a pod without GPUs (stages.train.gpus=0) runs gloo processes on its CPUs."""
+    two = recipe.model_copy(update={"training": recipe.training.model_copy(update={"nproc_per_node": 2})})
+    with pytest.raises(ConfigError) as e:
+        rendered(two)
+    assert str(e.value) == (
+        "training.nproc_per_node 2 needs as many GPUs in the train pod, which asks for 1: pass --helm-set "
+        "stages.train.gpus=2 or lower training.nproc_per_node"
+    )
+    train = next(
+        d for d in by_kind(rendered(two, ["stages.train.gpus=2"]), "Job") if d["metadata"]["name"].endswith("-train")
+    )
+    [c] = train["spec"]["template"]["spec"]["containers"]
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert (
+        "nproc_per_node: 2"
+        in next(d for d in by_kind(rendered(two, ["stages.train.gpus=2"]), "ConfigMap"))["data"]["recipe.yaml"]
+    )
+    assert rendered(two, ["stages.train.gpus=0"])
+    nodes = recipe.model_copy(update={"training": recipe.training.model_copy(update={"nnodes": 2})})
+    with pytest.raises(ConfigError, match="training.nnodes 2: training across nodes is not rendered yet"):
+        rendered(nodes)

@@ -23,6 +23,19 @@ def test_recipes_lists_and_shows_resolved(tunectl):
     shown = yaml.safe_load(tunectl("recipes", "show", "ruozhiba-tiny", "--set", "lora.r=8", check=True).stdout)
     assert shown["lora"]["r"] == 8 and shown["training"]["optim"] == "adamw_8bit"
     assert shown["data"]["prompt_template"].endswith("### Response:\n{output}")
+    shown = tunectl("recipes", "show", "ruozhiba", "--set", "training.nproc_per_node=2", check=True).stdout
+    assert shown.splitlines()[-1] == (
+        "# rows per optimizer step: per-device batch 1 x gradient accumulation 4 x processes 2 = 8"
+    )
+
+
+def test_local_backend_refuses_several_nodes(tunectl, store):
+    proc = tunectl("submit", "ruozhiba-tiny", "--backend", "local", "--set", "training.nnodes=2")
+    assert proc.returncode == 78 and proc.stderr.strip() == (
+        "error: training.nnodes 2: the local backend runs on one machine; use --backend kubernetes, or "
+        "training.nnodes 1 with training.nproc_per_node"
+    )
+    assert not (store / "runs").exists() or not list((store / "runs").iterdir())
 
 
 def test_list_on_an_empty_store(tunectl, store):

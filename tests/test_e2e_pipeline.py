@@ -403,3 +403,65 @@ def test_a_local_run_stopped_mid_training_resumes_with_the_same_losses(finished_
     assert (
         again.returncode == 78 and again.stderr.strip() == f"error: run {run} has already succeeded: nothing to resume"
     )
+
+
+@pytest.mark.parametrize("finished_run", ["dir"], indirect=True)  # its single-process losses are the reference
+def test_two_process_training_stopped_and_resumed_matches_one_process_and_exports_a_gguf_that_stops(
+    finished_run, tmp_path
+):
+    """`training.nproc_per_node: 2` on the CPU: torchrun's agent starts two gloo workers (DDP), each taking half of
+    every batch, with gradient accumulation halved so a step sees the same 4 rows (`global_batch_size: 4` checks it).
+    SIGTERM mid-training reaches both workers through the agent: they stop after the same step, rank 0 saves the
+    checkpoint, and all exit 75; `tunectl resume` goes on from it. Every step's loss equals the single-process run's,
+    only rank 0 published, both ranks' logs are in the stage log, and the q4_k_m GGUF answers and stops at EOS (the
+    gguf stage's smoke test)."""
+    import select
+    import signal
+    import time
+
+    store = tmp_path / "store"
+    env = {**os.environ, "TUNECTL_STORE": str(store), "TUNECTL_BACKEND": "local"}
+    cli = [sys.executable, "-m", "tunectl.cli"]
+    sets = ["training.nproc_per_node=2", "training.gradient_accumulation_steps=2", "training.global_batch_size=4",
+            "training.sample_answers=false", "export.gguf=[q4_k_m]"]  # fmt: skip
+    submit = subprocess.Popen(
+        [*cli, "submit", "ruozhiba-tiny", *(a for s in sets for a in ("--set", s))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert submit.stderr is not None
+    seen, deadline = b"", time.monotonic() + 900
+    while time.monotonic() < deadline:  # rank 0's progress bar: stop at step 12 of 40
+        if select.select([submit.stderr], [], [], 1)[0]:
+            seen += os.read(submit.stderr.fileno(), 65536)
+        if re.search(rb"\b1[2-9]/40 \[", seen) or submit.poll() is not None:
+            break
+    submit.send_signal(signal.SIGTERM)
+    out, err = submit.communicate(timeout=300)
+    text = (seen + err).decode(errors="replace")
+    run = re.search(r"^run (\S+): stages train -> merge -> gguf", text, re.M).group(1)
+    assert submit.returncode == 130, text[-3000:]
+    assert "torchrun: 2 processes x 1 nodes (this is node 0)" in text
+    step = int(re.search(r"checkpoint at step (\d+) saved to the store \(sigterm", text).group(1))
+    assert 12 <= step < 40
+    assert re.search(r"^\[rank1\] .*SIGTERM: saving a checkpoint after the current step", text, re.M), text[-3000:]
+    status = subprocess.run([*cli, "status", run], capture_output=True, text=True, env=env).stdout
+    assert re.search(rf"^train\s+cancelled .*checkpoint at step {step} \(\d+s old, sigterm\)", status, re.M), status
+
+    resumed = subprocess.run([*cli, "resume", run], capture_output=True, text=True, env=env, timeout=1800)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {step} (checkpoint in the store)" in resumed.stderr
+    assert f"run {run} (ruozhiba-tiny, local): succeeded" in resumed.stdout
+
+    run_dir = store / "runs" / run
+    reference = json.loads((Path(finished_run.store) / "runs" / finished_run.run / "train" / "loss.json").read_text())
+    losses = json.loads((run_dir / "train" / "loss.json").read_text())
+    assert [h["step"] for h in losses] == list(range(1, 41))
+    for ours, theirs in zip(losses, reference, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=2e-3, abs=2e-3), (ours, theirs)
+    train = _verified(run_dir / "train")
+    assert train["metrics"]["processes"] == 2 and train["metrics"]["rows_per_step"] == 4
+    assert not list((run_dir / ".scratch").glob("train.rank*"))  # rank 1's scratch is gone; it published nothing
+    log = (run_dir / "logs" / "train.log").read_text(errors="replace")
+    assert re.search(r"^\[rank1\] .*\[train\] load model done", log, re.M) and "[rank0] " in log
+    smoke = json.loads((run_dir / "gguf" / "smoke.json").read_text())
+    assert [s["type"] for s in smoke] == ["q4_k_m"] and smoke[0]["finish_reason"] == "stop", smoke

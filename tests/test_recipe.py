@@ -134,3 +134,23 @@ def test_resolved_recipe_round_trips(tmp_path: Path):
     f = tmp_path / "r.yaml"
     f.write_text(r.to_yaml())
     assert recipe_from_file(f) == r
+
+
+def test_processes_multiply_the_rows_per_step_and_global_batch_size_holds_them():
+    """Data parallel training: per-device batch x gradient accumulation x processes (nproc_per_node x nnodes) rows
+    per optimizer step. `global_batch_size` pins that number, so a changed GPU count cannot change the training
+    unnoticed; the error says which gradient accumulation keeps it."""
+    t = load_recipe("ruozhiba", ["training.nproc_per_node=2", "training.gradient_accumulation_steps=2"]).training
+    assert (t.world_size, t.effective_batch_size) == (2, 4)
+    assert load_recipe("ruozhiba", ["training.nnodes=2", "training.nproc_per_node=8"]).training.world_size == 16
+    with pytest.raises(ConfigError) as e:
+        load_recipe("ruozhiba", ["training.nproc_per_node=2", "training.global_batch_size=4"])
+    assert (
+        "global_batch_size 4 != per_device_train_batch_size 1 x gradient_accumulation_steps 4 x processes 2 "
+        "(nproc_per_node 2 x nnodes 1) = 8: set gradient_accumulation_steps: 2"
+    ) in str(e.value)
+    with pytest.raises(ConfigError, match=r"= 8: it is not a multiple of .* \(8\)"):
+        load_recipe("ruozhiba", ["training.nproc_per_node=8", "training.gradient_accumulation_steps=1",
+                                 "training.global_batch_size=6"])  # fmt: skip
+    with pytest.raises(ConfigError, match="nproc_per_node"):
+        load_recipe("ruozhiba", ["training.nproc_per_node=0"])

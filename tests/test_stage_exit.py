@@ -45,6 +45,25 @@ def test_a_signal_is_named_with_the_phase_and_file():
     assert describe(-4, {}, None) == "killed by SIGILL (native code ran an instruction this CPU lacks)"
 
 
+def test_a_distributed_stage_names_the_rank_that_failed_first(tmp_path, monkeypatch):
+    """A worker writes its status under the agent's directory (its RANK names the file); the agent reports the
+    first failed rank's phase, and the rank."""
+    from tunectl.stageexit import RANK_STATUS_DIR, STATUS_ENV, write_status
+
+    monkeypatch.setenv(STATUS_ENV, str(tmp_path / "stage.status"))
+    monkeypatch.setenv(RANK_STATUS_DIR, str(tmp_path))
+    monkeypatch.setenv("RANK", "1")
+    write_status({"stage": "train", "phase": "train"})
+    assert not (tmp_path / "stage.status").exists() and (tmp_path / "rank1.json").is_file()
+    monkeypatch.delenv("RANK")  # the agent itself writes the stage's own file
+    write_status({"stage": "train", "phase": "train", "rank": 1})
+    assert (tmp_path / "stage.status").is_file()
+    assert describe(-9, {"stage": "train", "phase": "train", "rank": 1}, None) == (
+        "killed by SIGKILL during 'train' on rank 1 (killed from outside: out of memory (the kernel's OOM killer) "
+        "or a kill -9)"
+    )
+
+
 def test_an_exit_without_an_error_line_is_not_reported_as_the_last_log_line():
     assert describe(3, {"stage": "merge", "phase": "save merged 16-bit"}, None) == (
         "exit code 3 during 'save merged 16-bit', without an error line"

@@ -147,6 +147,11 @@ class LocalBackend(Backend):
     def submit(self, request: SubmitRequest, echo: Echo) -> Submission:
         if request.values or request.helm_sets:
             raise ConfigError("--values and --helm-set are for Kubernetes runs (--backend kubernetes)")
+        if request.recipe.training.nnodes > 1:
+            raise ConfigError(
+                f"training.nnodes {request.recipe.training.nnodes}: the local backend runs on one machine; "
+                f"use --backend kubernetes, or training.nnodes 1 with training.nproc_per_node"
+            )
         run = self.create(request.recipe, request.run_id)
         return Submission(run, self.run_record(run)["stages"], created=True)
 

@@ -176,6 +176,39 @@ class TrainingSpec(_Strict):
     # Answer the test prompts before and after training (the train stage's "generate before/after" phases, kept in
     # generations.json); false skips both and saves their minutes.
     sample_answers: bool = True
+    # Data parallel training (torch.distributed, started by torchrun): processes per node (one per GPU; on a CPU,
+    # gloo processes) and nodes (Kubernetes: one pod per node). Each process trains on its share of every batch.
+    nproc_per_node: Count = Field(1, gt=0, le=64)
+    nnodes: Count = Field(1, gt=0, le=1024)
+    # The rows per optimizer step that the recipe expects (per-device batch x gradient accumulation x processes);
+    # when set, a recipe whose numbers give another value is refused, so a change of GPU count cannot change the
+    # training silently.
+    global_batch_size: Count | None = Field(None, gt=0)
+
+    @property
+    def world_size(self) -> int:
+        return self.nproc_per_node * self.nnodes
+
+    @property
+    def effective_batch_size(self) -> int:
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * self.world_size
+
+    @model_validator(mode="after")
+    def _global_batch(self) -> TrainingSpec:
+        want = self.global_batch_size
+        if want is not None and want != self.effective_batch_size:
+            per_step = self.per_device_train_batch_size * self.world_size
+            fix = (
+                f"set gradient_accumulation_steps: {want // per_step}"
+                if want % per_step == 0
+                else f"it is not a multiple of per_device_train_batch_size x processes ({per_step})"
+            )
+            raise ValueError(
+                f"global_batch_size {want} != per_device_train_batch_size {self.per_device_train_batch_size} x "
+                f"gradient_accumulation_steps {self.gradient_accumulation_steps} x processes {self.world_size} "
+                f"(nproc_per_node {self.nproc_per_node} x nnodes {self.nnodes}) = {self.effective_batch_size}: {fix}"
+            )
+        return self
 
 
 class ExportSpec(_Strict):

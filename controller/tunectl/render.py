@@ -131,7 +131,29 @@ def render(
     if not docs:
         raise TunectlError("helm template rendered nothing")
     check_belongs_to_run(docs, own, namespace)
+    check_train_processes(docs, recipe)
     return sorted(docs, key=creation_order)
+
+
+def check_train_processes(docs: list[dict[str, Any]], recipe: Recipe) -> None:
+    """A distributed train stage fits its pod: one GPU per process (a pod without GPUs runs gloo processes on its
+    CPUs), and one node until Indexed Jobs across nodes are rendered."""
+    t = recipe.training
+    if t.nnodes > 1:
+        raise ConfigError(
+            f"training.nnodes {t.nnodes}: training across nodes is not rendered yet; use one node with "
+            f"training.nproc_per_node GPUs"
+        )
+    for doc in docs:
+        if doc.get("kind") != "Job" or doc["metadata"].get("labels", {}).get("tunectl.dev/stage") != "train":
+            continue
+        for c in doc["spec"]["template"]["spec"]["containers"]:
+            gpus = int((c.get("resources", {}).get("limits") or {}).get("nvidia.com/gpu", 0))
+            if 0 < gpus < t.nproc_per_node:
+                raise ConfigError(
+                    f"training.nproc_per_node {t.nproc_per_node} needs as many GPUs in the train pod, which asks for "
+                    f"{gpus}: pass --helm-set stages.train.gpus={t.nproc_per_node} or lower training.nproc_per_node"
+                )
 
 
 def template_args(

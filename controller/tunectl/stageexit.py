@@ -18,6 +18,8 @@ from pathlib import Path
 from typing import Any
 
 STATUS_ENV = "TUNECTL_STATUS_FILE"
+# Set by a distributed train stage's agent (tunectl_jobs.distributed): each worker writes its rank's status there.
+RANK_STATUS_DIR = "TUNECTL_RANK_STATUS_DIR"
 MAX_BYTES = 4096  # the kubelet keeps at most 4096 bytes of a termination message
 
 _HINTS = {
@@ -38,6 +40,8 @@ _OUTSIDE = {
 def write_status(doc: dict[str, Any]) -> None:
     """Replace the status document, if this process was given one. Never raises: it is a diagnostic."""
     path = os.environ.get(STATUS_ENV)
+    if os.environ.get(RANK_STATUS_DIR) and "RANK" in os.environ:  # a worker of a distributed train stage
+        path = os.path.join(os.environ[RANK_STATUS_DIR], f"rank{os.environ['RANK']}.json")
     if not path:
         return
     data = json.dumps({**doc, "pid": os.getpid()}, ensure_ascii=False)[:MAX_BYTES]
@@ -79,7 +83,8 @@ def phase_text(status: dict[str, Any]) -> str:
     """ "'quantize q4_k_m' of x.gguf" from a status document, or '' without a phase."""
     if not status.get("phase"):
         return ""
-    return f"'{status['phase']}'" + (f" of {status['file']}" if status.get("file") else "")
+    text = f"'{status['phase']}'" + (f" of {status['file']}" if status.get("file") else "")
+    return text + (f" on rank {status['rank']}" if "rank" in status else "")  # a distributed train stage's worker
 
 
 def where(status: dict[str, Any]) -> str:

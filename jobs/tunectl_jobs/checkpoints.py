@@ -18,6 +18,8 @@ from tunectl.checkpoints import save
 from tunectl.recipe import Recipe
 from tunectl.stores import Store
 
+from . import distributed
+
 log = logging.getLogger("tunectl")
 
 
@@ -56,23 +58,25 @@ def store_checkpoints_callback(store: Store, run: str, recipe: Recipe) -> Any:
 
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             step = state.global_step
-            if self._sigterm:
+            # Across processes every rank decides the same (a SIGTERM or a clock seen by one rank counts for all).
+            due = t.save_minutes and time.monotonic() - self._last_save >= t.save_minutes * 60
+            if distributed.agree(self._sigterm):
                 self._why = "sigterm"
                 control.should_save = True
                 control.should_training_stop = True
             elif t.save_steps and step % t.save_steps == 0 and step < state.max_steps:
                 self._why = "steps"
                 control.should_save = True
-            elif (
-                t.save_minutes and time.monotonic() - self._last_save >= t.save_minutes * 60 and step < state.max_steps
-            ):
+            elif distributed.agree(bool(due)) and step < state.max_steps:
                 self._why = "minutes"
                 control.should_save = True
 
         def on_save(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             step = state.global_step
             local = Path(args.output_dir) / f"checkpoint-{step}"
-            save(store, run, recipe, local, step, self._why or "steps")
+            if distributed.rank() == 0:  # the weights and optimizer are the same on every rank
+                save(store, run, recipe, local, step, self._why or "steps")
+            distributed.barrier()  # no rank goes on, or exits on SIGTERM, before the checkpoint is in the store
             shutil.rmtree(local, ignore_errors=True)
             self._last_save = time.monotonic()
             if self._why == "sigterm":

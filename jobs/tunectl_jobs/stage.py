@@ -33,6 +33,8 @@ from tunectl.stageexit import write_status
 from tunectl.stores import Store, open_store
 from tunectl.stores.manifest import EarlyChecksums
 
+from . import distributed
+
 log = logging.getLogger("tunectl")
 
 
@@ -175,11 +177,16 @@ def run_stage(name: str, body: Callable[[StageContext], None], argv: list[str] |
             raise ConfigError(f"missing {', '.join(missing)} (or TUNECTL_RECIPE / TUNECTL_STORE / TUNECTL_RUN)")
         recipe = recipe_from_file(args.recipe)
         store = open_store(args.store)
-        out = store.scratch_dir(args.run, name)
+        # Each worker of a distributed stage works in its own scratch; only rank 0's outputs are published.
+        main = distributed.rank() == 0
+        out = store.scratch_dir(args.run, name if main else f"{name}.rank{distributed.rank()}")
         ctx = StageContext(name=name, recipe=recipe, store=store, run=args.run, out=out)
         body(ctx)
-        with ctx.phase("publish"):
-            ctx.publish()
+        if main:
+            with ctx.phase("publish"):
+                ctx.publish()
+        else:
+            shutil.rmtree(out, ignore_errors=True)
         write_status({"stage": name, "phase": "done"})
         return 0
     except (ConfigError, ArtifactError) as e:

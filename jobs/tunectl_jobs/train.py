@@ -23,7 +23,7 @@ from tunectl import checkpoints as store_checkpoints
 from tunectl.errors import ConfigError, Preempted
 from tunectl.recipe import LoraSpec, Recipe
 
-from . import checkpoints, data, models
+from . import checkpoints, data, distributed, models
 from .prefetch import Prefetch
 from .stage import StageContext, run_stage
 
@@ -51,6 +51,8 @@ def _load_unsloth(ctx: StageContext, base: str) -> tuple[Any, Any]:
         max_seq_length=r.model.max_seq_length,
         dtype=dtype,
         load_in_4bit=r.model.load_in_4bit,
+        # Each process of a distributed run on its own GPU.
+        **({"device_map": {"": distributed.local_rank()}} if distributed.world_size() > 1 else {}),
     )
     return model, tokenizer
 
@@ -89,7 +91,8 @@ def _load_hf(ctx: StageContext, base: str) -> tuple[Any, Any]:
         if r.model.dtype not in ("auto", "float32"):
             ctx.note(f"model.dtype {r.model.dtype} replaced by float32 on CPU")
     tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map="cuda" if cuda else None)
+    device_map = {"": distributed.local_rank()} if cuda else None  # each process of a distributed run: its GPU
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype, device_map=device_map)
     return model, tokenizer
 
 
@@ -204,13 +207,40 @@ def _loss_plot(history: list[dict[str, Any]], path: Any, title: str) -> None:
     plt.close(fig)
 
 
+def _cpu_ddp_trainer(base: type) -> type:
+    """The trainer for gloo processes on a CPU. transformers (5.17) loads a resumed optimizer state onto
+    `args.device`, which is `cpu:0` there, a location torch.load cannot restore to: this loads it onto the CPU."""
+    import torch
+
+    class CpuDdpTrainer(base):  # type: ignore[misc, valid-type]
+        def _load_optimizer_and_scheduler(self, checkpoint: Any) -> None:
+            load = torch.load
+
+            def on_cpu(*args: Any, **kwargs: Any) -> Any:
+                if str(kwargs.get("map_location")) == "cpu:0":
+                    kwargs["map_location"] = "cpu"
+                return load(*args, **kwargs)
+
+            torch.load = on_cpu
+            try:
+                super()._load_optimizer_and_scheduler(checkpoint)
+            finally:
+                torch.load = load
+
+    return CpuDdpTrainer
+
+
+def _ddp_args(cuda: bool) -> dict[str, Any]:
+    return {"ddp_backend": "nccl" if cuda else "gloo", "ddp_find_unused_parameters": False, "use_cpu": not cuda}
+
+
 def _stopped(signum: int, frame: Any) -> None:
     raise Preempted("stopped by SIGTERM outside a training step: a retry resumes from the newest checkpoint")
 
 
 def train(ctx: StageContext) -> None:
-    # The merge base downloads beside training where it comes from the Hub (prefetch.py).
-    prefetch = Prefetch.start(ctx.store, ctx.run, ctx.recipe)
+    # The merge base downloads beside training where it comes from the Hub (prefetch.py); by rank 0 only.
+    prefetch = Prefetch.start(ctx.store, ctx.run, ctx.recipe) if distributed.rank() == 0 else None
     try:
         fine_tune(ctx)
         if prefetch is not None:
@@ -276,7 +306,7 @@ def fine_tune(ctx: StageContext) -> None:
     stop_ids = contract["stop_token_ids"]
 
     def answer_test_prompts(when: str) -> list[dict[str, Any]]:
-        if not prompts or not r.training.sample_answers:
+        if not prompts or not r.training.sample_answers or distributed.rank() != 0:
             return []
         with ctx.phase(f"generate {when}"):
             if unsloth:
@@ -319,9 +349,13 @@ def fine_tune(ctx: StageContext) -> None:
             # TRL turns checkpointing on by default; without Unsloth the recipe's setting must win (Unsloth's
             # get_peft_model has applied it already on its path).
             **({} if unsloth else {"gradient_checkpointing": bool(r.lora.use_gradient_checkpointing)}),
+            # Several processes: each takes its share of every batch (DDP); LoRA leaves most weights without grads.
+            # On a CPU transformers wraps the model for DDP only with use_cpu (else each process trains alone).
+            **(_ddp_args(cuda) if distributed.world_size() > 1 else {}),
         )
         saver = checkpoints.store_checkpoints_callback(ctx.store, ctx.run, r)
-        trainer = SFTTrainer(
+        trainer_class = SFTTrainer if cuda or distributed.world_size() == 1 else _cpu_ddp_trainer(SFTTrainer)
+        trainer = trainer_class(
             model=model, processing_class=tokenizer, train_dataset=text_ds, args=args, callbacks=[saver]
         )
 
@@ -351,6 +385,8 @@ def fine_tune(ctx: StageContext) -> None:
 
     after = answer_test_prompts("after")
 
+    if distributed.rank() != 0:  # rank 0 saves and publishes what every rank trained alike
+        return
     with ctx.phase("save"):
         adapter = ctx.out / "adapter"
         model.save_pretrained(adapter)
@@ -367,6 +403,8 @@ def fine_tune(ctx: StageContext) -> None:
     ctx.metrics = {
         "backend": "unsloth" if unsloth else "transformers+peft",
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "processes": distributed.world_size(),
+        "rows_per_step": r.training.effective_batch_size,
         "steps": int(result.global_step),
         "first_loss": history[0]["loss"] if history else None,
         "final_loss": history[-1]["loss"] if history else None,
@@ -380,7 +418,33 @@ def fine_tune(ctx: StageContext) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if distributed.is_worker():
+        distributed.worker_setup()
+    else:
+        plan = _distributed_plan(argv)
+        if plan is not None:  # this process becomes torchrun's agent; each worker runs this stage again
+            return distributed.launch("tunectl_jobs.train", argv, *plan)
     return run_stage("train", train, argv)
+
+
+def _distributed_plan(argv: list[str]) -> tuple[str, int, int] | None:
+    """(run, nproc_per_node, nnodes) when the recipe asks for more than one process; None otherwise, and for a
+    recipe that does not load (the stage itself then reports it)."""
+    import argparse
+    import os
+
+    from tunectl.recipe import recipe_from_file
+
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--recipe", default=os.environ.get("TUNECTL_RECIPE"))
+    p.add_argument("--run", default=os.environ.get("TUNECTL_RUN"))
+    a, _ = p.parse_known_args(argv)
+    try:
+        t = recipe_from_file(a.recipe).training
+    except Exception:
+        return None
+    return (a.run or "run", t.nproc_per_node, t.nnodes) if t.world_size > 1 and a.run else None
 
 
 if __name__ == "__main__":
