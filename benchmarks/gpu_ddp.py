@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -97,10 +98,13 @@ def run_one(work: Path, tag: str, procs: int, sets: list[str], torchrun: bool, s
     rfile = work / f"recipe-{tag}.yaml"
     rfile.write_text(recipe.to_yaml())
     store, run = work / "store", f"ddp-{tag}"
-    stage = ["-m", "tunectl_jobs.train", "--recipe", str(rfile), "--store", str(store), "--run", run]
+    shutil.rmtree(store / "runs" / run, ignore_errors=True)  # a run of an earlier invocation
+    # The stage's arguments through its environment: torchrun's own parser would take `--run` for `--run-path`.
+    stage = ["-m", "tunectl_jobs.train"]
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", "1", "--standalone"] if torchrun else []
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "controller"), str(REPO / "jobs"),
-                                                         os.environ.get("PYTHONPATH", "")])}  # fmt: skip
+                                                         os.environ.get("PYTHONPATH", "")]),
+           "TUNECTL_RECIPE": str(rfile), "TUNECTL_STORE": str(store), "TUNECTL_RUN": run}  # fmt: skip
     log = work / f"{tag}.log"
     t0 = time.time()
     with MemorySampler() as mem, open(log, "w") as f:
