@@ -1,10 +1,12 @@
-"""The train stage on two processes (torchrun's agent and two gloo workers on the CPU), when a worker dies: the
-stage fails at once, is reported as the signal that killed that rank in the phase it was in (never as the last
-log line), and leaves no process behind. The losses and the preemption path of a two-process run are checked
-against the single-process run in test_e2e_pipeline.py."""
+"""The train stage on several processes (torchrun's agent with gloo workers on the CPU): a worker that dies fails
+the stage at once, reported as the signal that killed that rank in the phase it was in (never as the last log line),
+leaving no process behind; two stages started as two nodes (as pods of an Indexed Job would be) meet at the c10d
+rendezvous and train as one, and a lost node fails the other instead of hanging it. The losses and the preemption
+path of a two-process run are checked against the single-process run in test_e2e_pipeline.py."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import select
@@ -66,3 +68,61 @@ def test_a_worker_killed_mid_training_fails_the_stage_naming_the_signal_and_the_
         [sys.executable, "-m", "tunectl.cli", "status", killed], capture_output=True, text=True, env=env
     ).stdout
     assert re.search(r"^train\s+failed\b", status, re.M) and re.search(r"^merge\s+skipped\b", status, re.M), status
+
+
+def _node(recipe: Path, store: Path, run: str, index: int, endpoint: str, log: Path) -> subprocess.Popen[bytes]:
+    """One node's train stage, as a pod of an Indexed Job runs it: its index and the rendezvous in its env."""
+    env = {**os.environ, "JOB_COMPLETION_INDEX": str(index), "TUNECTL_RDZV_ENDPOINT": endpoint,
+           "TUNECTL_STATUS_FILE": str(log.with_suffix(".status"))}  # fmt: skip
+    cmd = [sys.executable, "-m", "tunectl_jobs.train", "--recipe", str(recipe), "--store", str(store), "--run", run]
+    return subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env)
+
+
+def _two_node_recipe(tmp_path: Path, steps: int) -> Path:
+    from tunectl.recipe import load_recipe
+
+    recipe = load_recipe("ruozhiba-tiny", ["training.nnodes=2", "training.gradient_accumulation_steps=2",
+                                           f"training.max_steps={steps}", "training.sample_answers=false"])  # fmt: skip
+    path = tmp_path / "recipe.yaml"
+    path.write_text(recipe.to_yaml())
+    return path
+
+
+def test_two_nodes_meet_at_the_rendezvous_and_train_as_one(tmp_path):
+    """Two train stages started as two nodes (what two pods of an Indexed Job are; here two processes on 127.0.0.1,
+    one gloo worker each): node 0's agent hosts the c10d rendezvous, node 1 joins it (here first), and rank 0 alone
+    publishes."""
+    from minio_server import free_port
+
+    recipe, store, endpoint = _two_node_recipe(tmp_path, 6), tmp_path / "store", f"127.0.0.1:{free_port()}"
+    nodes = [_node(recipe, store, "two", i, endpoint, tmp_path / f"node{i}.log") for i in (1, 0)]  # joining first
+    codes = [p.wait(timeout=600) for p in nodes]
+    logs = [(tmp_path / f"node{i}.log").read_text(errors="replace") for i in (0, 1)]
+    assert codes == [0, 0], logs[0][-3000:] + logs[1][-3000:]
+    assert f"torchrun: 1 processes x 2 nodes (this is node 0), rendezvous {endpoint}" in logs[0]
+    assert "(this is node 1)" in logs[1]
+    # Ranks go by arrival at the rendezvous (c10d), not by node index: one node has rank 0 and publishes.
+    assert sorted(("[rank0] " in log, "[rank1] " in log) for log in logs) == [(False, True), (True, False)]
+    manifest = json.loads((store / "runs" / "two" / "train" / "manifest.json").read_text())
+    assert manifest["metrics"]["processes"] == 2 and manifest["metrics"]["steps"] == 6
+
+
+def test_a_lost_node_fails_the_other_instead_of_hanging_it(tmp_path):
+    """Node 1 killed mid-training (a pod lost with its machine): node 0 fails within a minute, so its Job retries
+    the group (from the newest checkpoint) instead of waiting on a peer that is gone."""
+    from minio_server import free_port
+
+    recipe, store, endpoint = _two_node_recipe(tmp_path, 200), tmp_path / "store", f"127.0.0.1:{free_port()}"
+    node0 = _node(recipe, store, "lost", 0, endpoint, tmp_path / "node0.log")
+    node1 = _node(recipe, store, "lost", 1, endpoint, tmp_path / "node1.log")
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline and not re.search(r"\b[3-9]/200 \[", (tmp_path / "node0.log").read_text()):
+        assert node0.poll() is None and node1.poll() is None, (tmp_path / "node0.log").read_text()[-3000:]
+        time.sleep(1)
+    node1.kill()  # its agent (SIGKILL); its worker follows it (PR_SET_PDEATHSIG)
+    killed_at = time.monotonic()
+    code = node0.wait(timeout=300)
+    assert code not in (0, 75) and time.monotonic() - killed_at < 120, (tmp_path / "node0.log").read_text()[-3000:]
+    time.sleep(2)
+    assert _workers("lost") == {}  # node 1's worker died with its agent; node 0's with its own
+    assert not (store / "runs" / "lost" / "train" / "manifest.json").exists()
