@@ -6,7 +6,8 @@ recorded in the manifest's `notes`.
 
 Outputs: `adapter/` (LoRA weights + tokenizer with the EOS contract applied), `loss.json`, `loss.png`,
 `generations.json` (test prompts before and after training). Beside it, the merge base downloads from the Hub into
-the store (prefetch.py).
+the store (prefetch.py). With `training.nproc_per_node`/`nnodes` above one, this program first becomes torchrun's
+agent and each worker runs it again (distributed.py).
 
     python -m tunectl_jobs.train --recipe recipe.yaml --store DIR --run RUN_ID
 """
