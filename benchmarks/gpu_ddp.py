@@ -25,7 +25,6 @@ import os
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -34,37 +33,6 @@ REPO = Path(__file__).resolve().parents[1]
 for _p in (REPO / "controller", REPO / "jobs", REPO / "benchmarks"):
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
-
-
-class MemorySampler:
-    """Peak memory used on every GPU (NVML, every 200 ms), on a thread."""
-
-    def __init__(self) -> None:
-        self.peak: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-
-    def __enter__(self) -> MemorySampler:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        try:
-            import pynvml
-
-            pynvml.nvmlInit()
-        except Exception:  # no GPU (the --tiny CPU run) or no NVML
-            return
-        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
-        while not self._stop.is_set():
-            for i, h in enumerate(handles):
-                self.peak[i] = max(self.peak.get(i, 0), pynvml.nvmlDeviceGetMemoryInfo(h).used // 2**20)
-            self._stop.wait(0.2)
-        pynvml.nvmlShutdown()
 
 
 def _configs(names: list[str], gpus: list[int]) -> list[tuple[str, int, list[str], bool]]:
@@ -87,6 +55,7 @@ def _configs(names: list[str], gpus: list[int]) -> list[tuple[str, int, list[str
 
 
 def run_one(work: Path, tag: str, procs: int, sets: list[str], torchrun: bool, steps: int) -> dict[str, Any]:
+    from gpu_pipeline import GpuSampler
     from gpu_train import Q4_DIR
 
     from tunectl.recipe import load_recipe
@@ -107,7 +76,7 @@ def run_one(work: Path, tag: str, procs: int, sets: list[str], torchrun: bool, s
            "TUNECTL_RECIPE": str(rfile), "TUNECTL_STORE": str(store), "TUNECTL_RUN": run}  # fmt: skip
     log = work / f"{tag}.log"
     t0 = time.time()
-    with MemorySampler() as mem, open(log, "w") as f:
+    with GpuSampler(interval=0.2) as gpu, open(log, "w") as f:
         rc = subprocess.run([sys.executable, *launcher, *stage], stdout=f, stderr=subprocess.STDOUT, env=env).returncode
     manifest = store / "runs" / run / "train" / "manifest.json"
     doc = json.loads(manifest.read_text()) if manifest.is_file() else {}
@@ -117,7 +86,7 @@ def run_one(work: Path, tag: str, procs: int, sets: list[str], torchrun: bool, s
         "config": tag, "processes": procs, "torchrun": torchrun, "exit_code": rc, "wall_s": round(time.time() - t0, 1),
         "steps": m.get("steps"), "rows_per_step": recipe.training.effective_batch_size,
         "train_seconds": m.get("train_seconds"), "final_loss": m.get("final_loss"),
-        "losses": [h["loss"] for h in losses], "peak_mib_per_gpu": dict(mem.peak),
+        "losses": [h["loss"] for h in losses], "peak_mib_per_gpu": dict(gpu.peak_mib),
         "peak_gpu_mem_gib_rank0": m.get("peak_gpu_mem_gib"),
     }  # fmt: skip
     if rc != 0:

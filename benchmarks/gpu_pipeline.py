@@ -49,11 +49,13 @@ HUB_ID = "bench/llama-3-8b-shape"
 
 
 class GpuSampler:
-    """GPU utilisation and memory every `interval` seconds through NVML, on a thread, with wall-clock times."""
+    """GPU utilisation and memory every `interval` seconds through NVML, on a thread, with wall-clock times: of GPU
+    0 in `samples`, and the peak memory of every GPU in `peak_mib`."""
 
     def __init__(self, interval: float = 0.1):
         self.interval = interval
         self.samples: list[tuple[float, int, int]] = []  # (time, util %, memory used MiB)
+        self.peak_mib: dict[int, int] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -68,14 +70,16 @@ class GpuSampler:
     def _run(self) -> None:
         try:
             import pynvml
-        except ImportError:
+
+            pynvml.nvmlInit()
+        except Exception:  # no NVML or no GPU (a CPU smoke test of a benchmark)
             return
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+        handles = [pynvml.nvmlDeviceGetHandleByIndex(i) for i in range(pynvml.nvmlDeviceGetCount())]
         while not self._stop.is_set():
-            util = pynvml.nvmlDeviceGetUtilizationRates(handle).gpu
-            mem = pynvml.nvmlDeviceGetMemoryInfo(handle).used // 2**20
-            self.samples.append((time.time(), util, mem))
+            mems = [pynvml.nvmlDeviceGetMemoryInfo(h).used // 2**20 for h in handles]
+            for i, m in enumerate(mems):
+                self.peak_mib[i] = max(self.peak_mib.get(i, 0), m)
+            self.samples.append((time.time(), pynvml.nvmlDeviceGetUtilizationRates(handles[0]).gpu, mems[0]))
             self._stop.wait(self.interval)
         pynvml.nvmlShutdown()
 

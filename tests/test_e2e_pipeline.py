@@ -350,39 +350,46 @@ def test_the_smoke_test_checks_what_export_smoke_test_asks(finished_run, tmp_pat
         assert doc["smoke"] == [] and "no smoke test (export.smoke_test: off): no GGUF was run" in doc["notes"]
 
 
+def _submit_and_stop_in_training(env: dict[str, str], sets: list[str]) -> tuple[str, int, str]:
+    """`tunectl submit ruozhiba-tiny --set ...` stopped by SIGTERM once (rank 0's) progress bar passes step 12 of 40:
+    the run id, the step whose checkpoint was saved, and what submit printed."""
+    import select
+    import signal
+    import time
+
+    submit = subprocess.Popen(
+        [sys.executable, "-m", "tunectl.cli", "submit", "ruozhiba-tiny", *(a for s in sets for a in ("--set", s))],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
+    )  # fmt: skip
+    assert submit.stderr is not None
+    seen, deadline = b"", time.monotonic() + 900
+    while time.monotonic() < deadline:
+        if select.select([submit.stderr], [], [], 1)[0]:
+            seen += os.read(submit.stderr.fileno(), 65536)
+        if re.search(rb"\b1[2-9]/40 \[", seen) or submit.poll() is not None:
+            break
+    submit.send_signal(signal.SIGTERM)
+    out, err = submit.communicate(timeout=300)
+    text = (seen + err).decode(errors="replace")
+    run = re.search(r"^run (\S+): stages train -> merge", text, re.M).group(1)
+    assert submit.returncode == 130, text[-3000:]
+    step = int(re.search(r"checkpoint at step (\d+) saved to the store \(sigterm", text).group(1))
+    assert 12 <= step < 40
+    return run, step, text
+
+
 @pytest.mark.parametrize("finished_run", ["dir"], indirect=True)  # its uninterrupted losses are the reference
 def test_a_local_run_stopped_mid_training_resumes_with_the_same_losses(finished_run, tmp_path):
     """SIGTERM to `tunectl submit` in the middle of training: the train stage finishes its step, saves a checkpoint
     to the store and exits 75; the run is cancelled and `status` shows the checkpoint. `tunectl resume` goes on from
     it, and every step's loss equals the uninterrupted run's (same data order, same RNG); once train has published,
     its checkpoints are gone."""
-    import select
-    import signal
-    import time
-
     store = tmp_path / "store"
     env = {**os.environ, "TUNECTL_STORE": str(store), "TUNECTL_BACKEND": "local"}
     cli = [sys.executable, "-m", "tunectl.cli"]
     # No gguf stage: the losses are the point, and the recipe's training part is the reference run's.
-    submit = subprocess.Popen(
-        [*cli, "submit", "ruozhiba-tiny", "--set", "export.gguf=[]"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        env=env,
-    )  # fmt: skip
-    assert submit.stderr is not None
-    seen, deadline = b"", time.monotonic() + 900
-    while time.monotonic() < deadline:  # the progress bar on stderr: stop at step 12 of 40
-        if select.select([submit.stderr], [], [], 1)[0]:
-            seen += os.read(submit.stderr.fileno(), 65536)
-        if re.search(rb"\b1[2-9]/40 \[", seen) or submit.poll() is not None:
-            break
-    submit.send_signal(signal.SIGTERM)
-    out, err = submit.communicate(timeout=120)
-    text = (seen + err).decode(errors="replace")
-    run = re.search(r"^run (\S+): stages train -> merge", text, re.M).group(1)
-    assert submit.returncode == 130, text[-3000:]
+    run, step, text = _submit_and_stop_in_training(env, ["export.gguf=[]"])
     assert f"run {run} cancelled (`tunectl resume {run}` goes on)" in text
-    step = int(re.search(r"checkpoint at step (\d+) saved to the store \(sigterm", text).group(1))
-    assert 12 <= step < 40
 
     status = subprocess.run([*cli, "status", run], capture_output=True, text=True, env=env).stdout
     assert re.search(rf"^train\s+cancelled .*checkpoint at step {step} \(\d+s old, sigterm\)", status, re.M), status
@@ -415,34 +422,13 @@ def test_two_process_training_stopped_and_resumed_matches_one_process_and_export
     checkpoint, and all exit 75; `tunectl resume` goes on from it. Every step's loss equals the single-process run's,
     only rank 0 published, both ranks' logs are in the stage log, and the q4_k_m GGUF answers and stops at EOS (the
     gguf stage's smoke test)."""
-    import select
-    import signal
-    import time
-
     store = tmp_path / "store"
     env = {**os.environ, "TUNECTL_STORE": str(store), "TUNECTL_BACKEND": "local"}
     cli = [sys.executable, "-m", "tunectl.cli"]
     sets = ["training.nproc_per_node=2", "training.gradient_accumulation_steps=2", "training.global_batch_size=4",
             "training.sample_answers=false", "export.gguf=[q4_k_m]"]  # fmt: skip
-    submit = subprocess.Popen(
-        [*cli, "submit", "ruozhiba-tiny", *(a for s in sets for a in ("--set", s))],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env,
-    )  # fmt: skip
-    assert submit.stderr is not None
-    seen, deadline = b"", time.monotonic() + 900
-    while time.monotonic() < deadline:  # rank 0's progress bar: stop at step 12 of 40
-        if select.select([submit.stderr], [], [], 1)[0]:
-            seen += os.read(submit.stderr.fileno(), 65536)
-        if re.search(rb"\b1[2-9]/40 \[", seen) or submit.poll() is not None:
-            break
-    submit.send_signal(signal.SIGTERM)
-    out, err = submit.communicate(timeout=300)
-    text = (seen + err).decode(errors="replace")
-    run = re.search(r"^run (\S+): stages train -> merge -> gguf", text, re.M).group(1)
-    assert submit.returncode == 130, text[-3000:]
+    run, step, text = _submit_and_stop_in_training(env, sets)
     assert "torchrun: 2 processes x 1 nodes (this is node 0)" in text
-    step = int(re.search(r"checkpoint at step (\d+) saved to the store \(sigterm", text).group(1))
-    assert 12 <= step < 40
     assert re.search(r"^\[rank1\] .*SIGTERM: saving a checkpoint after the current step", text, re.M), text[-3000:]
     status = subprocess.run([*cli, "status", run], capture_output=True, text=True, env=env).stdout
     assert re.search(rf"^train\s+cancelled .*checkpoint at step {step} \(\d+s old, sigterm\)", status, re.M), status

@@ -200,9 +200,12 @@ def _submit_until_training(tmp_path: Path) -> tuple[subprocess.Popen[str], Path,
     store = tmp_path / "store"
     env = {**os.environ, "TUNECTL_STORE": str(store), "TUNECTL_BACKEND": "local"}
     with open(tmp_path / "submit.log", "w") as log:  # a file, not a pipe nobody reads that could fill up
+        # Ctrl-C as a terminal delivers it, also where this test runs in the background of a shell without job
+        # control (which starts such commands with SIGINT ignored, and Python then installs no handler for it).
         submit = subprocess.Popen(
-            [sys.executable, "-m", "tunectl.cli", "submit", "ruozhiba-tiny"], env=env, stdout=log, stderr=log, text=True
-        )
+            [sys.executable, "-m", "tunectl.cli", "submit", "ruozhiba-tiny"], env=env, stdout=log, stderr=log,
+            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+        )  # fmt: skip
     deadline = time.monotonic() + 300
     doc: dict = {}
     while time.monotonic() < deadline and doc.get("phase") in (None, "start"):
