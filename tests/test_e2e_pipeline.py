@@ -378,6 +378,26 @@ def _submit_and_stop_in_training(env: dict[str, str], sets: list[str]) -> tuple[
     return run, step, text
 
 
+def _resume_with_the_reference_losses(
+    finished_run: Run, env: dict[str, str], run: str, step: int, tolerance: float
+) -> subprocess.CompletedProcess[str]:
+    """`status` shows the stopped run's checkpoint; `tunectl resume` goes on from it and succeeds; every one of the
+    40 steps' losses equals the uninterrupted single-process run's within `tolerance`. The resume's output."""
+    cli = [sys.executable, "-m", "tunectl.cli"]
+    status = subprocess.run([*cli, "status", run], capture_output=True, text=True, env=env).stdout
+    assert re.search(rf"^train\s+cancelled .*checkpoint at step {step} \(\d+s old, sigterm\)", status, re.M), status
+    resumed = subprocess.run([*cli, "resume", run], capture_output=True, text=True, env=env, timeout=1800)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resumed from step {step} (checkpoint in the store)" in resumed.stderr
+    assert f"run {run} (ruozhiba-tiny, local): succeeded" in resumed.stdout
+    reference = json.loads((Path(finished_run.store) / "runs" / finished_run.run / "train" / "loss.json").read_text())
+    losses = json.loads((Path(env["TUNECTL_STORE"]) / "runs" / run / "train" / "loss.json").read_text())
+    assert [h["step"] for h in losses] == [h["step"] for h in reference] == list(range(1, 41))
+    for ours, theirs in zip(losses, reference, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=tolerance, abs=tolerance), (ours, theirs)
+    return resumed
+
+
 @pytest.mark.parametrize("finished_run", ["dir"], indirect=True)  # its uninterrupted losses are the reference
 def test_a_local_run_stopped_mid_training_resumes_with_the_same_losses(finished_run, tmp_path):
     """SIGTERM to `tunectl submit` in the middle of training: the train stage finishes its step, saves a checkpoint
@@ -391,20 +411,8 @@ def test_a_local_run_stopped_mid_training_resumes_with_the_same_losses(finished_
     run, step, text = _submit_and_stop_in_training(env, ["export.gguf=[]"])
     assert f"run {run} cancelled (`tunectl resume {run}` goes on)" in text
 
-    status = subprocess.run([*cli, "status", run], capture_output=True, text=True, env=env).stdout
-    assert re.search(rf"^train\s+cancelled .*checkpoint at step {step} \(\d+s old, sigterm\)", status, re.M), status
-
-    resumed = subprocess.run([*cli, "resume", run], capture_output=True, text=True, env=env, timeout=1800)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from step {step} (checkpoint in the store)" in resumed.stderr
-    assert f"run {run} (ruozhiba-tiny, local): succeeded" in resumed.stdout
+    resumed = _resume_with_the_reference_losses(finished_run, env, run, step, tolerance=1e-4)
     assert f"note (train): resumed from step {step}" in resumed.stdout
-
-    reference = json.loads((Path(finished_run.store) / "runs" / finished_run.run / "train" / "loss.json").read_text())
-    losses = json.loads((store / "runs" / run / "train" / "loss.json").read_text())
-    assert [h["step"] for h in losses] == [h["step"] for h in reference] == list(range(1, 41))
-    for ours, theirs in zip(losses, reference, strict=True):
-        assert ours["loss"] == pytest.approx(theirs["loss"], rel=1e-4, abs=1e-4), (ours, theirs)
     assert not (store / "runs" / run / "checkpoints" / "train").exists()
     again = subprocess.run([*cli, "resume", run], capture_output=True, text=True, env=env)
     assert (
@@ -424,26 +432,13 @@ def test_two_process_training_stopped_and_resumed_matches_one_process_and_export
     gguf stage's smoke test)."""
     store = tmp_path / "store"
     env = {**os.environ, "TUNECTL_STORE": str(store), "TUNECTL_BACKEND": "local"}
-    cli = [sys.executable, "-m", "tunectl.cli"]
     sets = ["training.nproc_per_node=2", "training.gradient_accumulation_steps=2", "training.global_batch_size=4",
             "training.sample_answers=false", "export.gguf=[q4_k_m]"]  # fmt: skip
     run, step, text = _submit_and_stop_in_training(env, sets)
     assert "torchrun: 2 processes x 1 nodes (this is node 0)" in text
     assert re.search(r"^\[rank1\] .*SIGTERM: saving a checkpoint after the current step", text, re.M), text[-3000:]
-    status = subprocess.run([*cli, "status", run], capture_output=True, text=True, env=env).stdout
-    assert re.search(rf"^train\s+cancelled .*checkpoint at step {step} \(\d+s old, sigterm\)", status, re.M), status
-
-    resumed = subprocess.run([*cli, "resume", run], capture_output=True, text=True, env=env, timeout=1800)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert f"resumed from step {step} (checkpoint in the store)" in resumed.stderr
-    assert f"run {run} (ruozhiba-tiny, local): succeeded" in resumed.stdout
-
+    _resume_with_the_reference_losses(finished_run, env, run, step, tolerance=2e-3)
     run_dir = store / "runs" / run
-    reference = json.loads((Path(finished_run.store) / "runs" / finished_run.run / "train" / "loss.json").read_text())
-    losses = json.loads((run_dir / "train" / "loss.json").read_text())
-    assert [h["step"] for h in losses] == list(range(1, 41))
-    for ours, theirs in zip(losses, reference, strict=True):
-        assert ours["loss"] == pytest.approx(theirs["loss"], rel=2e-3, abs=2e-3), (ours, theirs)
     train = _verified(run_dir / "train")
     assert train["metrics"]["processes"] == 2 and train["metrics"]["rows_per_step"] == 4
     assert not list((run_dir / ".scratch").glob("train.rank*"))  # rank 1's scratch is gone; it published nothing

@@ -59,15 +59,16 @@ def store_checkpoints_callback(store: Store, run: str, recipe: Recipe) -> Any:
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             step = state.global_step
             # Across processes every rank decides the same (a SIGTERM or a clock seen by one rank counts for all).
-            due = t.save_minutes and time.monotonic() - self._last_save >= t.save_minutes * 60
-            if distributed.agree(self._sigterm):
+            due = bool(t.save_minutes) and time.monotonic() - self._last_save >= t.save_minutes * 60
+            stop, due = distributed.agree(self._sigterm, due)
+            if stop:
                 self._why = "sigterm"
                 control.should_save = True
                 control.should_training_stop = True
             elif t.save_steps and step % t.save_steps == 0 and step < state.max_steps:
                 self._why = "steps"
                 control.should_save = True
-            elif distributed.agree(bool(due)) and step < state.max_steps:
+            elif due and step < state.max_steps:
                 self._why = "minutes"
                 control.should_save = True
 

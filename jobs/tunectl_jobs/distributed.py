@@ -24,6 +24,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import sys
@@ -63,17 +64,18 @@ def worker_setup() -> None:
         pass
 
 
-def agree(flag: bool) -> bool:
-    """True on every rank when it is True on any: one rank's SIGTERM stops all of them after the same step."""
+def agree(*flags: bool) -> list[bool]:
+    """Each flag True on every rank when it is True on any, in one all-reduce: one rank's SIGTERM (or clock) stops
+    (or saves) all of them after the same step."""
     import torch
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
+        return list(flags)
     device = f"cuda:{local_rank()}" if dist.get_backend() == "nccl" else "cpu"
-    t = torch.tensor([int(flag)], device=device)
+    t = torch.tensor([int(f) for f in flags], device=device)
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return [bool(v) for v in t.tolist()]
 
 
 def barrier() -> None:
@@ -153,11 +155,14 @@ def launch(module: str, argv: list[str], run: str, nproc_per_node: int, nnodes: 
     print(f"torchrun: {nproc_per_node} processes x {nnodes} nodes (this is node {node_rank}), "
           f"rendezvous {endpoint}", flush=True)  # fmt: skip
     try:
-        elastic_launch(config, sys.executable)("-u", "-m", module, *argv)
-        failures: dict[int, Any] = {}
-    except ChildFailedError as e:
-        failures = dict(e.failures)
-    return _report(failures, work / "status")
+        try:
+            elastic_launch(config, sys.executable)("-u", "-m", module, *argv)
+            failures: dict[int, Any] = {}
+        except ChildFailedError as e:
+            failures = dict(e.failures)
+        return _report(failures, work / "status")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)  # the workers' status files and torchrun's copies of their logs
 
 
 def _report(failures: dict[int, Any], status_dir: Path) -> int:

@@ -142,8 +142,13 @@ def versions() -> dict[str, str]:
     return out
 
 
-def run_stage(name: str, body: Callable[[StageContext], None], argv: list[str] | None = None) -> int:
-    """Parse the common arguments, run `body`, publish; map failures to exit codes with one-line errors."""
+def run_stage(
+    name: str, body: Callable[[StageContext], None], argv: list[str] | None = None, *, distributed_ok: bool = False
+) -> int:
+    """Parse the common arguments, run `body`, publish; map failures to exit codes with one-line errors.
+
+    `distributed_ok`: a recipe asking for several processes makes this process torchrun's agent, which runs the
+    stage program again in each worker (distributed.py)."""
     parser = argparse.ArgumentParser(prog=f"python -m tunectl_jobs.{name}", description=f"tunectl {name} stage")
     parser.add_argument(
         "--recipe", default=os.environ.get("TUNECTL_RECIPE"), help="resolved recipe YAML (env TUNECTL_RECIPE)"
@@ -176,6 +181,12 @@ def run_stage(name: str, body: Callable[[StageContext], None], argv: list[str] |
         if missing:
             raise ConfigError(f"missing {', '.join(missing)} (or TUNECTL_RECIPE / TUNECTL_STORE / TUNECTL_RUN)")
         recipe = recipe_from_file(args.recipe)
+        t = recipe.training
+        if distributed.is_worker():
+            distributed.worker_setup()
+        elif distributed_ok and t.world_size > 1:
+            stage_argv = sys.argv[1:] if argv is None else argv
+            return distributed.launch(f"tunectl_jobs.{name}", stage_argv, args.run, t.nproc_per_node, t.nnodes)
         store = open_store(args.store)
         # Each worker of a distributed stage works in its own scratch; only rank 0's outputs are published.
         main = distributed.rank() == 0

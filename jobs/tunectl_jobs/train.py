@@ -419,33 +419,7 @@ def fine_tune(ctx: StageContext) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if distributed.is_worker():
-        distributed.worker_setup()
-    else:
-        plan = _distributed_plan(argv)
-        if plan is not None:  # this process becomes torchrun's agent; each worker runs this stage again
-            return distributed.launch("tunectl_jobs.train", argv, *plan)
-    return run_stage("train", train, argv)
-
-
-def _distributed_plan(argv: list[str]) -> tuple[str, int, int] | None:
-    """(run, nproc_per_node, nnodes) when the recipe asks for more than one process; None otherwise, and for a
-    recipe that does not load (the stage itself then reports it)."""
-    import argparse
-    import os
-
-    from tunectl.recipe import recipe_from_file
-
-    p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--recipe", default=os.environ.get("TUNECTL_RECIPE"))
-    p.add_argument("--run", default=os.environ.get("TUNECTL_RUN"))
-    a, _ = p.parse_known_args(argv)
-    try:
-        t = recipe_from_file(a.recipe).training
-    except Exception:
-        return None
-    return (a.run or "run", t.nproc_per_node, t.nnodes) if t.world_size > 1 and a.run else None
+    return run_stage("train", train, argv, distributed_ok=True)
 
 
 if __name__ == "__main__":
