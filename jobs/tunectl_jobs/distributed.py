@@ -160,14 +160,20 @@ def launch(module: str, argv: list[str], run: str, nproc_per_node: int, nnodes: 
             failures: dict[int, Any] = {}
         except ChildFailedError as e:
             failures = dict(e.failures)
-        return _report(failures, work / "status")
+        code = _report(failures, work / "status")
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the workers' status files and torchrun's copies of their logs
+    if code < 0:  # a worker died of a signal: so does the agent, and the backend names it
+        if -code != signal.SIGKILL:
+            signal.signal(-code, signal.SIG_DFL)
+        os.kill(os.getpid(), -code)
+    return code
 
 
 def _report(failures: dict[int, Any], status_dir: Path) -> int:
-    """The stage's exit code and status from its workers': preempted when every failed worker was, else the first
-    failure as it was (its exit code, or the signal that killed it), with that rank's phase and error."""
+    """The stage's exit code (negative: the signal to die of) and status from its workers': preempted when every
+    failed worker was, else the first failure as it was (its exit code, or the signal that killed it), with that
+    rank's phase and error."""
     from tunectl.stageexit import write_status
 
     def doc(r: int) -> dict[str, Any]:
@@ -188,11 +194,7 @@ def _report(failures: dict[int, Any], status_dir: Path) -> int:
     write_status({**where, "rank": first})
     if where.get("error"):
         _say(f"rank {first}: {where['error']}")
-    if code < 0:  # died of a signal: so does the agent, and the backend names it
-        if -code != signal.SIGKILL:
-            signal.signal(-code, signal.SIG_DFL)
-        os.kill(os.getpid(), -code)
-    return int(code) if code > 0 else 1
+    return int(code) if code else 1
 
 
 def _say(message: str) -> None:
