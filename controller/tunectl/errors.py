@@ -9,6 +9,9 @@ Every error a user sees is one line that says what to fix, and its class decides
 - EXIT_PREEMPTED (75, sysexits EX_TEMPFAIL): the stage was stopped from outside (SIGTERM: eviction, preemption,
   a drain, Ctrl-C of a local run) and saved what it needs to go on (a training checkpoint). The chart retries it
   without counting a failure; a retry resumes.
+- EXIT_PEER_LOST (76, sysexits EX_PROTOCOL): a process of a training group across nodes whose collective or
+  rendezvous broke because another node of the group went away. Not this node's fault: the chart retries it without
+  counting a failure (the node that went away is counted, if it failed), and the group resumes from its checkpoint.
 - EXIT_FAILURE (1): anything else, treated as transient and retried by the chart.
 """
 
@@ -18,6 +21,7 @@ import re
 EXIT_CONFIG_ERROR = 78  # sysexits.h EX_CONFIG
 EXIT_ENVIRONMENT = 74  # sysexits.h EX_IOERR
 EXIT_PREEMPTED = 75  # sysexits.h EX_TEMPFAIL
+EXIT_PEER_LOST = 76  # sysexits.h EX_PROTOCOL
 EXIT_FAILURE = 1
 
 

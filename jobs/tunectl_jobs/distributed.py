@@ -15,14 +15,21 @@ needs:
 - Every worker's output reaches the stage log with a `[rankN]` prefix.
 
 Where a node's agent finds the others: `nnodes == 1`, a free port on 127.0.0.1; on Kubernetes across nodes, the
-chart sets TUNECTL_RDZV_ENDPOINT (pod 0 of the Indexed Job, through a headless Service) and the pod's index
-(JOB_COMPLETION_INDEX) is its node rank.
+chart sets TUNECTL_RDZV_ENDPOINT (pod 0 of the Indexed Job, through a headless Service) and the pod with index 0
+(JOB_COMPLETION_INDEX) hosts the rendezvous.
+
+When a node of the group goes away (its pod killed, evicted, its machine lost), the others cannot go on: their
+collectives fail (gloo at once; NCCL when its timeout or the agent's next rendezvous round ends them) or their
+rendezvous host is gone. They exit EXIT_PEER_LOST, which the chart's podFailurePolicy ignores, so the Job replaces
+every pod of the group without counting them, and the new group resumes from the newest checkpoint. Only the node
+that failed by itself counts against the Job's backoffLimit.
 """
 
 from __future__ import annotations
 
 import ctypes
 import json
+import math
 import os
 import shutil
 import signal
@@ -32,11 +39,13 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tunectl.errors import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
+from tunectl.errors import EXIT_CONFIG_ERROR, EXIT_FAILURE, EXIT_PEER_LOST, EXIT_PREEMPTED
 from tunectl.runmodel import format_error
-from tunectl.stageexit import RANK_STATUS_DIR
+from tunectl.stageexit import RANK_STATUS_DIR, write_status
 
 RDZV_ENDPOINT = "TUNECTL_RDZV_ENDPOINT"
+# How long a node waits at the rendezvous for the others (their pods scheduled, images pulled, started).
+JOIN_TIMEOUT_S = 900
 
 
 def rank() -> int:
@@ -85,6 +94,38 @@ def barrier() -> None:
         dist.barrier()
 
 
+def peer_lost(e: BaseException) -> bool:
+    """Whether a worker's exception is its group's communication breaking (a peer or the rendezvous store gone),
+    not a fault of its own. torch raises DistError subclasses for NCCL, the store and the network; gloo's transport
+    errors are plain RuntimeErrors that name their source file (gloo/transport/...)."""
+    try:
+        from torch.distributed import DistError
+    except ImportError:
+        return False
+    return isinstance(e, DistError) or (isinstance(e, RuntimeError) and "gloo/transport/" in str(e))
+
+
+def cpus() -> int:
+    """The CPUs this process may use: its affinity, lowered to its cgroup's CPU limit (a pod's limits.cpu)."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = _cgroup_cpu_limit()
+    return max(1, min(n, math.ceil(limit)) if limit else n)
+
+
+def _cgroup_cpu_limit(root: Path = Path("/sys/fs/cgroup")) -> float | None:
+    """CPUs' worth of time the cgroup may use per period (cgroup v2 cpu.max, or v1 cfs quota); None: no limit."""
+    try:
+        quota, period = (root / "cpu.max").read_text().split()[:2]
+        return None if quota == "max" else int(quota) / int(period)
+    except (OSError, ValueError):
+        pass
+    try:
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        return None if quota_us <= 0 else quota_us / int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError, ZeroDivisionError):
+        return None
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -129,13 +170,14 @@ def launch(module: str, argv: list[str], run: str, nproc_per_node: int, nnodes: 
         return EXIT_CONFIG_ERROR
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.elastic.rendezvous import RendezvousError, RendezvousTimeoutError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     work = Path(tempfile.mkdtemp(prefix="tunectl-ranks-"))
     os.environ[RANK_STATUS_DIR] = str(work / "status")
     (work / "status").mkdir()
     if not cuda and "OMP_NUM_THREADS" not in os.environ:  # CPU workers share the cores instead of each taking all
-        os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc_per_node))
+        os.environ["OMP_NUM_THREADS"] = str(max(1, cpus() // nproc_per_node))
     # The agent handles the other signals as torchrun does; SIGTERM is passed on to the workers (see above).
     os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
     signal.signal(signal.SIGTERM, _forward_sigterm)
@@ -146,7 +188,7 @@ def launch(module: str, argv: list[str], run: str, nproc_per_node: int, nnodes: 
         run_id=run,
         rdzv_backend="c10d",
         rdzv_endpoint=endpoint,
-        rdzv_configs={"is_host": node_rank == 0, "join_timeout": 900},
+        rdzv_configs={"is_host": node_rank == 0, "join_timeout": JOIN_TIMEOUT_S},
         max_restarts=0,  # a lost worker fails the stage; the Job's retry resumes from the newest checkpoint
         monitor_interval=1,
         logs_specs=DefaultLogsSpecs(log_dir=str(work / "logs"), tee=Std.ALL),
@@ -154,12 +196,21 @@ def launch(module: str, argv: list[str], run: str, nproc_per_node: int, nnodes: 
     )
     print(f"torchrun: {nproc_per_node} processes x {nnodes} nodes (this is node {node_rank}), "
           f"rendezvous {endpoint}", flush=True)  # fmt: skip
+    # What the agent itself is doing, should it be killed: the workers' own phases are in their rank files.
+    write_status({"stage": module.rsplit(".", 1)[-1], "phase": "distributed training"})
     try:
         try:
             elastic_launch(config, sys.executable)("-u", "-m", module, *argv)
             failures: dict[int, Any] = {}
         except ChildFailedError as e:
             failures = dict(e.failures)
+        except RendezvousTimeoutError:
+            minutes = JOIN_TIMEOUT_S // 60
+            return _fail(f"the training group did not form: {nnodes} nodes were expected at the rendezvous "
+                         f"{endpoint} and not all came within {minutes} minutes", EXIT_FAILURE)  # fmt: skip
+        except RendezvousError as e:  # its host went away, or was never reached
+            return _fail(f"lost the training group's rendezvous at {endpoint} ({_first_line(e)}): "
+                         "the group is retried", EXIT_PEER_LOST)  # fmt: skip
         code = _report(failures, work / "status")
     finally:
         shutil.rmtree(work, ignore_errors=True)  # the workers' status files and torchrun's copies of their logs
@@ -174,7 +225,6 @@ def _report(failures: dict[int, Any], status_dir: Path) -> int:
     """The stage's exit code (negative: the signal to die of) and status from its workers': preempted when every
     failed worker was, else the first failure as it was (its exit code, or the signal that killed it), with that
     rank's phase and error."""
-    from tunectl.stageexit import write_status
 
     def doc(r: int) -> dict[str, Any]:
         try:
@@ -189,12 +239,25 @@ def _report(failures: dict[int, Any], status_dir: Path) -> int:
     if all(c == EXIT_PREEMPTED for c in codes.values()):
         write_status(doc(0))
         return EXIT_PREEMPTED
-    first = min(failures, key=lambda r: failures[r].timestamp or 0)
+    # A rank that failed by itself is the cause; ranks that only lost their peers (or stopped) are its effects.
+    own = [r for r, c in codes.items() if c not in (EXIT_PREEMPTED, EXIT_PEER_LOST)]
+    first = min(own or [r for r, c in codes.items() if c == EXIT_PEER_LOST],
+                key=lambda r: failures[r].timestamp or 0)  # fmt: skip
     code, where = codes[first], doc(first)
     write_status({**where, "rank": first})
     if where.get("error"):
         _say(f"rank {first}: {where['error']}")
     return int(code) if code else 1
+
+
+def _fail(message: str, code: int) -> int:
+    _say(message)
+    write_status({"stage": "train", "phase": "rendezvous", "error": message})
+    return code
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _say(message: str) -> None:

@@ -21,6 +21,7 @@ from tunectl import __version__
 from tunectl.errors import (
     EXIT_CONFIG_ERROR,
     EXIT_FAILURE,
+    EXIT_PEER_LOST,
     EXIT_PREEMPTED,
     ArtifactError,
     ConfigError,
@@ -210,6 +211,11 @@ def run_stage(
         return fail(e, EXIT_FAILURE)
     except KeyboardInterrupt:
         return fail("interrupted", 130)
+    except Exception as e:
+        if distributed.is_worker() and distributed.peer_lost(e):  # a peer's failure (or stop), not this process's
+            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            return fail(f"lost a peer of the training group ({detail}): the group is retried", EXIT_PEER_LOST)
+        raise
     finally:
         if ctx is not None:
             ctx.checksums.close()  # hashes not yet begun are dropped (a failed stage publishes nothing)
