@@ -267,6 +267,9 @@ def test_server_side_strict_validation(recipe, cluster, namespace, monkeypatch):
     for scenario, sets in SCENARIOS.items():
         for doc in rendered(recipe, sets, namespace=namespace):
             assert api.create(doc, dry_run=True), f"{scenario}: {doc['kind']} {doc['metadata']['name']}"
+    for n in (2, 4):  # training across nodes: an Indexed Job and a headless Service
+        for doc in rendered(across(recipe, n, 2), ["stages.train.gpus=2", "kueue.queueName=gpu"], namespace):
+            assert api.create(doc, dry_run=True), f"{n} nodes: {doc['kind']} {doc['metadata']['name']}"
     assert api.batch.list_namespaced_job(namespace).items == []  # dry run: nothing was created
 
 
@@ -344,7 +347,7 @@ def test_a_distributed_train_stage_gets_a_gpu_per_process(recipe):
     with pytest.raises(ConfigError) as e:
         rendered(two)
     assert str(e.value) == (
-        "training.nproc_per_node 2 needs as many GPUs in the train pod, which asks for 1: pass --helm-set "
+        "training.nproc_per_node 2 needs as many GPUs in each train pod, which asks for 1: pass --helm-set "
         "stages.train.gpus=2 or lower training.nproc_per_node"
     )
     train = next(
@@ -357,6 +360,52 @@ def test_a_distributed_train_stage_gets_a_gpu_per_process(recipe):
         in next(d for d in by_kind(rendered(two, ["stages.train.gpus=2"]), "ConfigMap"))["data"]["recipe.yaml"]
     )
     assert rendered(two, ["stages.train.gpus=0"])
-    nodes = recipe.model_copy(update={"training": recipe.training.model_copy(update={"nnodes": 2})})
-    with pytest.raises(ConfigError, match="training.nnodes 2: training across nodes is not rendered yet"):
-        rendered(nodes)
+
+
+def across(recipe, nnodes, nproc_per_node=1):
+    training = recipe.training.model_copy(update={"nnodes": nnodes, "nproc_per_node": nproc_per_node})
+    return recipe.model_copy(update={"training": training})
+
+
+@pytest.mark.parametrize("nnodes", [1, 2, 4])
+def test_training_across_nodes_is_an_indexed_job_whose_pod_0_hosts_the_rendezvous(recipe, nnodes):
+    """training.nnodes pods of nproc_per_node GPUs each, started together (Kueue admits the Job's pods as one
+    workload); a headless Service names each pod, and every pod is told pod 0's name; a pod that only lost its peers
+    (exit 76) is replaced without counting a failure. One node renders what it always did."""
+    docs = rendered(across(recipe, nnodes, 2), ["stages.train.gpus=2", "kueue.queueName=gpu"])
+    jobs = {d["metadata"]["labels"]["tunectl.dev/stage"]: d for d in by_kind(docs, "Job") if "tunectl.dev/stage" in
+            d["metadata"]["labels"]}  # fmt: skip
+    train, services = jobs["train"], by_kind(docs, "Service")
+    pod = train["spec"]["template"]["spec"]
+    [c] = pod["containers"]
+    env = {e["name"]: e.get("value") for e in c["env"]}
+    ignored = [r["onExitCodes"]["values"] for r in train["spec"]["podFailurePolicy"]["rules"]
+               if r["action"] == "Ignore" and "onExitCodes" in r]  # fmt: skip
+    assert c["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert train["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    if nnodes == 1:
+        assert services == [] and "completionMode" not in train["spec"] and "parallelism" not in train["spec"]
+        assert "subdomain" not in pod and "TUNECTL_RDZV_ENDPOINT" not in env and ignored == [[75]]
+        return
+    assert (train["spec"]["completionMode"], train["spec"]["completions"], train["spec"]["parallelism"]) == (
+        "Indexed", nnodes, nnodes,
+    )  # fmt: skip
+    assert ignored == [[75], [76]]
+    [svc] = services
+    assert svc["metadata"]["name"] == pod["subdomain"] == f"{RUN}-train"
+    assert svc["spec"]["clusterIP"] == "None" and svc["spec"]["publishNotReadyAddresses"] is True
+    assert svc["spec"]["selector"] == {"tunectl.dev/run": RUN, "tunectl.dev/stage": "train"}
+    assert env["TUNECTL_RDZV_ENDPOINT"] == f"{RUN}-train-0.{RUN}-train:29400"
+    # The Service exists before the Job whose pods it names; merge and gguf stay one pod each.
+    assert [d["kind"] for d in docs].index("Service") < [d["kind"] for d in docs].index("Job")
+    assert all("parallelism" not in jobs[s]["spec"] for s in ("merge", "gguf"))
+    # A cluster without cluster DNS for pods (hostNetwork on one node): the values name the host and the port.
+    other = rendered(across(recipe, nnodes), ["stages.train.rendezvous.host=127.0.0.1",
+                                              "stages.train.rendezvous.port=29555"])  # fmt: skip
+    [train] = [d for d in by_kind(other, "Job") if d["metadata"]["name"] == f"{RUN}-train"]
+    env = {e["name"]: e.get("value") for e in train["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["TUNECTL_RDZV_ENDPOINT"] == "127.0.0.1:29555"
+    assert by_kind(other, "Service")[0]["spec"]["ports"][0]["port"] == 29555
+    # A train pod with fewer GPUs than processes is refused for every node count.
+    with pytest.raises(ConfigError, match="needs as many GPUs in each train pod"):
+        rendered(across(recipe, nnodes, 2))

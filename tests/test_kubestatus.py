@@ -16,15 +16,17 @@ def run_state(stages):
     return runmodel.run_state(s["state"] for s in stages)
 
 
-def job(name="r-train", *, suspend=False, conditions=(), annotations=None, **status):
+def job(name="r-train", *, suspend=False, conditions=(), annotations=None, parallelism=1, **status):
     return {
         "metadata": {"name": name, "annotations": annotations or {}, "labels": {}},
-        "spec": {"suspend": suspend},
+        "spec": {"suspend": suspend, "parallelism": parallelism},
         "status": {"conditions": [{"type": t, "status": "True", **extra} for t, extra in conditions], **status},
     }
 
 
-def pod(phase, *, created="2026-11-27T10:00:00Z", node=None, waiting=None, terminated=None, unschedulable=None):
+def pod(
+    phase, *, created="2026-11-27T10:00:00Z", node=None, waiting=None, terminated=None, unschedulable=None, index=None
+):
     state = {}
     if waiting:
         state = {"waiting": {"reason": waiting, "message": "Back-off pulling image tunectl-train:0.1.0"}}
@@ -36,7 +38,11 @@ def pod(phase, *, created="2026-11-27T10:00:00Z", node=None, waiting=None, termi
             {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": unschedulable}
         )
     return {
-        "metadata": {"name": "p", "creationTimestamp": created, "labels": {}},
+        "metadata": {
+            "name": "p",
+            "creationTimestamp": created,
+            "labels": {} if index is None else {"batch.kubernetes.io/job-completion-index": str(index)},
+        },
         "spec": {"nodeName": node},
         "status": {"phase": phase, "conditions": conditions, "containerStatuses": [{"state": state}] if state else []},
     }
@@ -91,6 +97,33 @@ def test_a_pod_lost_to_a_disruption_is_retried_without_counting_it():
 def test_running_names_the_node():
     s = stage_status("train", job(active=1, startTime="2026-11-27T10:00:00Z"), [pod("Running", node="gpu-1")])
     assert (s["state"], s["reason"]) == ("running", "on node gpu-1")
+
+
+def test_a_group_runs_once_all_its_pods_run_and_names_their_nodes():
+    pods = [pod("Running", node="gpu-1", index=0), pod("Running", node="gpu-2", index=1)]
+    s = stage_status("train", job(parallelism=2, active=2), pods)
+    assert (s["state"], s["reason"]) == ("running", "2 pods on nodes gpu-1, gpu-2") and "attempts" not in s
+    short = [pods[0], pod("Pending", unschedulable="0/3 nodes are available: 3 Insufficient nvidia.com/gpu.", index=1)]
+    s = stage_status("train", job(parallelism=2, active=2), short)
+    assert s["state"] == "pending"
+    assert s["reason"] == (
+        "1 of 2 pods running (the others: unschedulable: 0/3 nodes are available: 3 Insufficient nvidia.com/gpu.)"
+    )
+
+
+def test_a_group_retried_after_a_node_failed_names_that_node_not_the_peers_it_took_down():
+    crashed = pod("Failed", created="2026-11-27T10:00:00Z", terminated={"exitCode": 137, "reason": "Error"}, index=1)
+    peer = pod("Failed", created="2026-11-27T09:59:00Z", terminated={"exitCode": 76, "reason": "Error"}, index=0)
+    peer["status"]["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = "2026-11-27T10:00:05Z"
+    again = [pod("Running", created="2026-11-27T10:01:00Z", node="gpu-1", index=i) for i in (0, 1)]
+    s = stage_status("train", job(parallelism=2, active=2, failed=1), [peer, crashed, *again])
+    assert s["state"] == "running" and s["attempts"] == 2
+    assert s["reason"].startswith("2 pods on node gpu-1; retrying after killed by SIGKILL")
+    only_peers = stage_status("train", job(parallelism=2, active=2), [peer, *again])
+    assert only_peers["reason"] == (
+        "2 pods on node gpu-1; retrying after lost a peer of its training group (exit code 76), not counted as a "
+        "failure"
+    )
 
 
 def test_config_error_exit_code_is_reported_as_not_retried():

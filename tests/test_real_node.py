@@ -365,3 +365,95 @@ def test_a_train_pod_deleted_three_times_resumes_from_its_checkpoints_and_counts
     assert len(resumed_from) == 1 and 6 <= resumed_from[0] < 16  # the last pod's resume, after 2 steps in each
     assert f"resumed from step {resumed_from[0]}" in kube.cli("status", run).stdout
     assert open_store(kube.store).read_json(f"runs/{run}/checkpoints/train/latest.json") is None  # cleaned up
+
+
+@pytest.mark.train
+def test_a_train_group_across_two_pods_meets_trains_and_recovers_when_a_pod_dies(kube, tmp_path):
+    """training.nnodes 2: an Indexed Job of two hostNetwork pods (one gloo process each) whose agents meet at pod
+    0's c10d rendezvous on 127.0.0.1. Pod 1 is SIGKILLed mid-training after a checkpoint (as a lost machine or an
+    OOM kill ends it): pod 0 exits 76 (a lost peer, not counted), pod 1's failure is the one the Job counts, both are
+    replaced, the new group resumes from the checkpoint and finishes, and its losses are a one-process run's."""
+    from minio_server import free_port
+
+    from tunectl import checkpoints
+    from tunectl.recipe import load_recipe
+    from tunectl.stores import open_store
+
+    if not kube.cluster.kwok:
+        pytest.skip("kills the pod's processes from the node's host")
+    # Train only, 16 steps, a checkpoint every 4; the one-process reference has the same 4 rows per step.
+    sets = ["export.gguf=[]", "export.merged_16bit=false", "export.lora=false", "training.max_steps=16",
+            "training.sample_answers=false", "training.save_steps=4"]  # fmt: skip
+    group = ["training.nnodes=2", "training.gradient_accumulation_steps=2", "training.global_batch_size=4"]
+    port = free_port()  # hostNetwork: pod 0 binds the node's port
+    # torch's c10d rendezvous tells nodes apart by host name and process id. Two hostNetwork pods on one node share
+    # the host name, and their agents can have the same pid in their pods' own namespaces (both 12, then both 19,
+    # seen here): the rendezvous takes them for one node and waits for a second. Here the train program of pod N
+    # starts only in a process whose pid is N modulo 2 (a shell that forks until one is, then execs the stage
+    # there), so the two pids differ. Real nodes have their own host names (docs/distributed.md).
+    distinct_pids = tmp_path / "distinct-pids.yaml"
+    script = (
+        "while :; do "
+        'sh -c \'[ $(($$ % 2)) -eq "$JOB_COMPLETION_INDEX" ] || exit 99; exec python -m tunectl_jobs.train "$@"\' '
+        'train "$@"; rc=$?; [ "$rc" -ne 99 ] && exit "$rc"; done'
+    )
+    distinct_pids.write_text(json.dumps({"stages": {"train": {"command": ["sh", "-c", script, "train"]}}}))
+    run = kube.submit(
+        "-f", str(distinct_pids),
+        *(a for s in sets + group for a in ("--set", s)),
+        "--helm-set", "stages.train.gpus=0", "--helm-set", "stages.train.backoffLimit=1",
+        "--helm-set", "stages.train.resources.limits.cpu=1",  # one core per pod: one OpenMP thread per worker
+        "--helm-set", "stages.train.rendezvous.host=127.0.0.1", "--helm-set", f"stages.train.rendezvous.port={port}",
+    )  # fmt: skip
+    job = kube.jobs(run)["train"]
+    assert (job.spec.completion_mode, job.spec.parallelism) == ("Indexed", 2)
+
+    def pod_of(index: int, running_only: bool = True):
+        pods = [p for p in kube.pods(run, "train")
+                if p.metadata.labels.get("batch.kubernetes.io/job-completion-index") == str(index)]  # fmt: skip
+        pods.sort(key=lambda p: p.metadata.creation_timestamp)
+        return pods[-1] if pods and (pods[-1].status.phase == "Running" or not running_only) else None
+
+    store = open_store(kube.store)
+    wait_for(lambda: (c := checkpoints.newest(store, run)) and c["step"] >= 4, 900, "the first checkpoint")
+    assert kube.stages(run)["train"]["reason"] == "2 pods on node localhost"
+    logs = kube.cli("logs", run, "--stage", "train").stdout
+    assert "[pod 0] torchrun: 1 processes x 2 nodes (this is node 0), rendezvous 127.0.0.1:" in logs, logs[-3000:]
+    assert "[pod 1] torchrun: 1 processes x 2 nodes (this is node 1)" in logs and "[rank1] " in logs
+    follower = LogFollower(kube, run, "train")  # both pods' streams, merged, until both end
+    wait_for(lambda: "[pod 1] " in follower.text and "[pod 0] " in follower.text, 60, "both pods' logs followed")
+    lost = pod_of(1)
+    assert lost is not None
+    for pid in _container_pids(lost.metadata.uid, b"tunectl_jobs.train"):  # the agent and its worker
+        os.kill(pid, signal.SIGKILL)
+    assert follower.wait(timeout=120) == 0
+    assert "[pod 0] error: rank " in follower.text and ": lost a peer of the training group (" in follower.text
+
+    final = wait_for(lambda: (st := kube.status(run))["state"] in ("succeeded", "failed") and st, 900, "the run")
+    assert final["state"] == "succeeded", final
+    pods = kube.pods(run, "train")
+    codes = sorted(
+        (p.metadata.labels["batch.kubernetes.io/job-completion-index"],
+         p.status.container_statuses[0].state.terminated.exit_code)
+        for p in pods
+    )  # fmt: skip
+    assert codes == [("0", 0), ("0", 76), ("1", 0), ("1", 137)], codes
+    job = kube.jobs(run)["train"]
+    assert job.status.failed == 1 and job.status.succeeded == 2  # pod 1's kill counted, pod 0's lost peer not
+    manifest = store.manifest(run, "train")
+    assert manifest["metrics"]["steps"] == 16
+    resumed_from = [int(n) for n in re.findall(r"resumed from step (\d+)", " ".join(manifest["notes"]))]
+    assert len(resumed_from) == 1 and resumed_from[0] in (4, 8, 12), manifest["notes"]
+
+    # The same training on one process (4 rows per step from gradient accumulation alone), on this machine.
+    from conftest import run_stage
+
+    recipe = load_recipe("ruozhiba-tiny", sets)
+    (tmp_path / "one.yaml").write_text(recipe.to_yaml())
+    one = run_stage("train", tmp_path / "one.yaml", tmp_path / "store")
+    assert one.returncode == 0, one.stderr[-3000:]
+    reference = json.loads((tmp_path / "store" / "runs" / "r1" / "train" / "loss.json").read_text())
+    losses = json.loads(store.read_text(f"runs/{run}/train/loss.json") or "[]")
+    assert [h["step"] for h in losses] == [h["step"] for h in reference] == list(range(1, 17))
+    for ours, theirs in zip(losses, reference, strict=True):
+        assert ours["loss"] == pytest.approx(theirs["loss"], rel=2e-3, abs=2e-3), (ours, theirs)

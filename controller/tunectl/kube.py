@@ -25,6 +25,7 @@ from .errors import ConfigError, TunectlError
 from .kubestatus import (
     ANN_STAGES,
     ANN_STORE,
+    JOB_INDEX_LABEL,
     LABEL_COMPONENT,
     LABEL_RECIPE,
     LABEL_RUN,
@@ -255,6 +256,7 @@ class Cluster:
         table = {
             "ConfigMap": (self.core, "config_map"),
             "ServiceAccount": (self.core, "service_account"),
+            "Service": (self.core, "service"),
             "Role": (self.rbac, "role"),
             "RoleBinding": (self.rbac, "role_binding"),
             "Job": (self.batch, "job"),
@@ -485,11 +487,48 @@ class KubernetesBackend(Backend):
             owned = [p for p in pods if p["metadata"]["labels"].get(LABEL_STAGE) == s]
             if not owned:
                 continue
-            name = max(owned, key=lambda p: p["metadata"]["creationTimestamp"])["metadata"]["name"]
-            if follow:
-                yield from ((s, text) for text in self._follow(name))
+            # The newest pod of each index: one for most stages, one per node for training across nodes.
+            newest: dict[int, str] = {}
+            for p in sorted(owned, key=lambda p: p["metadata"]["creationTimestamp"]):
+                newest[int(p["metadata"]["labels"].get(JOB_INDEX_LABEL, "0"))] = p["metadata"]["name"]
+            if len(newest) == 1:
+                [name] = newest.values()
+                yield from ((s, t) for t in self._follow(name)) if follow else [(s, self._log_text(name))]
+            elif follow:
+                yield from ((s, t) for t in self._follow_group(newest))
             else:
-                yield s, self._log_text(name)
+                for i, name in sorted(newest.items()):
+                    yield s, "".join(f"[pod {i}] {line}" for line in self._log_text(name).splitlines(keepends=True))
+
+    def _follow_group(self, pods: dict[int, str]) -> Iterator[str]:
+        """Several pods' logs as they come, whole lines each prefixed with its pod's index, until every pod ends."""
+        import queue
+        import threading
+
+        lines: queue.Queue[str | None] = queue.Queue()
+
+        def read(index: int, pod: str) -> None:
+            partial = ""
+            try:
+                for text in self._follow(pod):
+                    *done, partial = (partial + text).split("\n")
+                    for line in done:
+                        lines.put(f"[pod {index}] {line}\n")
+            except TunectlError as e:
+                lines.put(f"[pod {index}] (log stream ended: {e})\n")
+            if partial:
+                lines.put(f"[pod {index}] {partial}\n")
+            lines.put(None)
+
+        for index, pod in pods.items():
+            threading.Thread(target=read, args=(index, pod), daemon=True).start()
+        open_streams = len(pods)
+        while open_streams:
+            line = lines.get()
+            if line is None:
+                open_streams -= 1
+            else:
+                yield line
 
     def _follow(self, pod: str, grace: float = 2.0) -> Iterator[str]:
         """Stream a pod's log until the pod is finished. A kubelet ends the stream when the container exits;
@@ -553,6 +592,7 @@ class KubernetesBackend(Backend):
             ("roles", c.rbac.list_namespaced_role, c.rbac.delete_namespaced_role),
             ("rolebindings", c.rbac.list_namespaced_role_binding, c.rbac.delete_namespaced_role_binding),
             ("serviceaccounts", c.core.list_namespaced_service_account, c.core.delete_namespaced_service_account),
+            ("services", c.core.list_namespaced_service, c.core.delete_namespaced_service),
             ("configmaps", c.core.list_namespaced_config_map, c.core.delete_namespaced_config_map),
         ):
             items = c.call(f"listing {kind}", lister, self.namespace, label_selector=sel).items

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .errors import EXIT_CONFIG_ERROR, EXIT_PREEMPTED
+from .errors import EXIT_CONFIG_ERROR, EXIT_PEER_LOST, EXIT_PREEMPTED
 from .runmodel import StageState, StageStatus
 from .stageexit import killed, read_status, signal_name, where
 
@@ -25,6 +25,7 @@ ANN_QUEUE = "tunectl.dev/queue-name"
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 LABEL_RECIPE = "tunectl.dev/recipe"
 LABEL_COMPONENT = "app.kubernetes.io/component"
+JOB_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"  # an Indexed Job's pod: its index
 MANAGED = "app.kubernetes.io/managed-by=tunectl"  # a selector: every object tunectl creates
 
 
@@ -125,6 +126,8 @@ def _exit_text(term: dict[str, Any]) -> str:
         return f"failed with exit code {code} (configuration error, not retried)"
     if code == EXIT_PREEMPTED:
         return f"preempted (exit code {code}): {status.get('error') or 'stopped from outside'}"
+    if code == EXIT_PEER_LOST:
+        return f"lost a peer of its training group (exit code {code}), not counted as a failure"
     sig = _signal(term)
     if sig:
         return f"{killed(signal_name(sig), status)}, exit code {code}"
@@ -133,9 +136,7 @@ def _exit_text(term: dict[str, Any]) -> str:
 
 def termination_error(pods: list[dict[str, Any]]) -> str | None:
     """The error line the newest failed pod's stage program wrote into its termination message, if any."""
-    for pod in _newest(pods):
-        if (pod.get("status") or {}).get("phase") != "Failed":
-            continue
+    for pod in _causes_first([p for p in _newest(pods) if (p.get("status") or {}).get("phase") == "Failed"]):
         term = _terminated(pod)
         return read_status(term.get("message")).get("error") if term else None
     return None
@@ -143,6 +144,17 @@ def termination_error(pods: list[dict[str, Any]]) -> str | None:
 
 def _newest(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
+
+
+def _causes_first(failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Failed pods, newest first, except that a pod of a training group that only lost its peers comes after those
+    that failed by themselves: the cause is what to report, not its effect on the others."""
+    return sorted(failed, key=lambda p: (_terminated(p) or {}).get("exitCode") == EXIT_PEER_LOST)
+
+
+def _nodes(pods: list[dict[str, Any]]) -> str:
+    nodes = sorted({n for p in pods if (n := (p.get("spec") or {}).get("nodeName"))})
+    return f"node{'s' if len(nodes) > 1 else ''} {', '.join(nodes)}" if nodes else ""
 
 
 def stage_status(stage: str, job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> StageStatus:
@@ -153,8 +165,10 @@ def stage_status(stage: str, job: dict[str, Any] | None, pods: list[dict[str, An
     out = StageStatus(stage, job_state(job), job=job["metadata"]["name"])
     out.started = st.get("startTime")
     out.finished = st.get("completionTime")
-    failed_pods = [p for p in _newest(pods) if (p.get("status") or {}).get("phase") == "Failed"]
-    attempts = (st.get("failed") or 0) + (st.get("succeeded") or 0) + (st.get("active") or 0)
+    failed_pods = _causes_first([p for p in _newest(pods) if (p.get("status") or {}).get("phase") == "Failed"])
+    group = int((job.get("spec") or {}).get("parallelism") or 1)  # > 1: an Indexed Job, one pod per node
+    pods_run = (st.get("failed") or 0) + (st.get("succeeded") or 0) + (st.get("active") or 0)
+    attempts = -(-pods_run // group)  # a group's pods count as one attempt
     if attempts > 1:
         out.attempts = attempts
     if out.state == StageState.SUCCEEDED:
@@ -197,15 +211,35 @@ def stage_status(stage: str, job: dict[str, Any] | None, pods: list[dict[str, An
             retry_note = f"; resuming after it was {_exit_text(term)}"
         else:
             retry_note = f"; retrying after {_exit_text(term) if term else 'a failed pod'}"
+    if group > 1:
+        return _group_status(out, live, group, retry_note)
     if not live:
         out.state, out.reason = StageState.PENDING, "creating its pod" + retry_note
         return out
     pod = live[0]
     phase = (pod.get("status") or {}).get("phase")
     if phase == "Running":
-        node = (pod.get("spec") or {}).get("nodeName")
-        out.state, out.reason = StageState.RUNNING, (f"on node {node}" + retry_note if node else retry_note[2:])
+        where = _nodes([pod])
+        out.state, out.reason = StageState.RUNNING, (f"on {where}" + retry_note if where else retry_note[2:])
         return out
     out.state, out.reason = StageState.PENDING, (_unschedulable(pod) or _waiting_reason(pod) or "pod starting")
     out.reason += retry_note
+    return out
+
+
+def _group_status(out: StageStatus, live: list[dict[str, Any]], group: int, retry_note: str) -> StageStatus:
+    """A stage that trains on `group` pods at once: running once all of them run (until then the ones running
+    wait at the rendezvous), else pending with why the first of the others is not running."""
+    newest: dict[str, dict[str, Any]] = {}
+    for pod in live:  # newest first: a replacement pod stands for its index
+        newest.setdefault((pod["metadata"].get("labels") or {}).get(JOB_INDEX_LABEL, ""), pod)
+    pods = list(newest.values())
+    running = [p for p in pods if (p.get("status") or {}).get("phase") == "Running"]
+    if len(running) == group:
+        out.state, out.reason = StageState.RUNNING, f"{group} pods on {_nodes(running)}" + retry_note
+        return out
+    waiting = next((p for p in pods if p not in running), None)
+    why = (_unschedulable(waiting) or _waiting_reason(waiting) or "pod starting") if waiting else "creating its pods"
+    out.state = StageState.PENDING
+    out.reason = f"{len(running)} of {group} pods running (the others: {why})" + retry_note
     return out

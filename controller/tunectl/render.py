@@ -136,23 +136,24 @@ def render(
 
 
 def check_train_processes(docs: list[dict[str, Any]], recipe: Recipe) -> None:
-    """A distributed train stage fits its pod: one GPU per process (a pod without GPUs runs gloo processes on its
-    CPUs), and one node until Indexed Jobs across nodes are rendered."""
+    """A distributed train stage fits its pods: one GPU per process (a pod without GPUs runs gloo processes on its
+    CPUs), and one pod per node."""
     t = recipe.training
-    if t.nnodes > 1:
-        raise ConfigError(
-            f"training.nnodes {t.nnodes}: training across nodes is not rendered yet; use one node with "
-            f"training.nproc_per_node GPUs"
-        )
     for doc in docs:
-        if doc.get("kind") != "Job" or doc["metadata"].get("labels", {}).get("tunectl.dev/stage") != "train":
+        if doc.get("kind") != "Job" or doc["metadata"].get("labels", {}).get(LABEL_STAGE) != "train":
             continue
+        if int(doc["spec"].get("parallelism", 1)) != t.nnodes:
+            raise ConfigError(
+                f"the chart at {chart_dir()} rendered a train Job of {doc['spec'].get('parallelism', 1)} pods for "
+                f"training.nnodes {t.nnodes}: use the chart of this tunectl version"
+            )
         for c in doc["spec"]["template"]["spec"]["containers"]:
             gpus = int((c.get("resources", {}).get("limits") or {}).get("nvidia.com/gpu", 0))
             if 0 < gpus < t.nproc_per_node:
                 raise ConfigError(
-                    f"training.nproc_per_node {t.nproc_per_node} needs as many GPUs in the train pod, which asks for "
-                    f"{gpus}: pass --helm-set stages.train.gpus={t.nproc_per_node} or lower training.nproc_per_node"
+                    f"training.nproc_per_node {t.nproc_per_node} needs as many GPUs in each train pod, which asks "
+                    f"for {gpus}: pass --helm-set stages.train.gpus={t.nproc_per_node} or lower "
+                    f"training.nproc_per_node"
                 )
 
 
@@ -253,7 +254,7 @@ def check_belongs_to_run(docs: list[dict[str, Any]], own: dict[str, Any], namesp
         refuse(f"stage Jobs {[j for j in jobs if j]}, not the run's stages {stages}")
 
 
-_KIND_ORDER = {"ConfigMap": 0, "ServiceAccount": 1, "Role": 2, "RoleBinding": 3, "Job": 4}
+_KIND_ORDER = {"ConfigMap": 0, "ServiceAccount": 1, "Role": 2, "RoleBinding": 3, "Service": 4, "Job": 5}
 # Followers and the reconciler first, the first stage last: an interrupted submit never leaves a training Job
 # running without the stages that follow it.
 _STAGE_ORDER = {"reconciler": 0, **{stage: i for i, stage in enumerate(reversed(STAGES), start=1)}}

@@ -88,6 +88,24 @@ dnsPolicy: ClusterFirstWithHostNet
 {{- if $own }}{{ toYaml $own }}{{ else }}{{ with index .root.Values.scheduling .key }}{{ toYaml . }}{{ end }}{{ end -}}
 {{- end -}}
 
+{{/* How many nodes (pods) a stage's Job runs on at once: the recipe's training.nnodes for train, else 1. */}}
+{{- define "tunectl.nodes" -}}
+{{- $n := 1 -}}
+{{- if eq .stage "train" -}}
+{{- $recipe := fromYaml (.root.Values.recipe | default "") | default dict -}}
+{{- $n = ($recipe.training | default dict).nnodes | default 1 -}}
+{{- end -}}
+{{- int $n -}}
+{{- end -}}
+
+{{/* Where the train pods of a run across nodes meet: pod 0 of the Indexed Job, by its name in the run's headless
+Service (an Indexed Job's pod is named <job>-<index> in DNS), unless the values name a host. */}}
+{{- define "tunectl.rendezvous" -}}
+{{- $run := include "tunectl.run" .root -}}
+{{- $r := .root.Values.stages.train.rendezvous -}}
+{{- printf "%s:%d" ($r.host | default (printf "%s-train-0.%s-train" $run $run)) (int $r.port) -}}
+{{- end -}}
+
 {{/* One stage's Job. Call with (dict "root" $ "stage" "train" "after" "" ). */}}
 {{- define "tunectl.stageJob" -}}
 {{- $root := .root -}}
@@ -95,6 +113,7 @@ dnsPolicy: ClusterFirstWithHostNet
 {{- $s := index $root.Values.stages $name -}}
 {{- $run := include "tunectl.run" $root -}}
 {{- $labels := dict "root" $root "component" $name "stage" $name -}}
+{{- $nodes := int (include "tunectl.nodes" (dict "root" $root "stage" $name)) -}}
 apiVersion: batch/v1
 kind: Job
 metadata:
@@ -119,6 +138,12 @@ spec:
   backoffLimit: {{ int $s.backoffLimit }}
   activeDeadlineSeconds: {{ int $s.activeDeadlineSeconds }}
   ttlSecondsAfterFinished: {{ int $root.Values.jobs.ttlSecondsAfterFinished }}
+  {{- if gt $nodes 1 }}
+  # One pod per node, all at once (Kueue admits them as one workload); each knows its index (JOB_COMPLETION_INDEX).
+  completionMode: Indexed
+  completions: {{ $nodes }}
+  parallelism: {{ $nodes }}
+  {{- end }}
   podFailurePolicy:
     rules:
       # EX_CONFIG: bad recipe, data or model; a retry would fail the same way.
@@ -127,6 +152,12 @@ spec:
       # EX_TEMPFAIL: stopped by SIGTERM after saving a checkpoint (a pod deleted, a Ctrl-C); the retry resumes.
       - action: Ignore
         onExitCodes: {containerName: {{ $name | quote }}, operator: In, values: [75]}
+      {{- if gt $nodes 1 }}
+      # EX_PROTOCOL: another node of the training group went away, and with it this pod's collectives. Its
+      # replacement rejoins the group, which resumes from the checkpoint; only the node that failed is counted.
+      - action: Ignore
+        onExitCodes: {containerName: {{ $name | quote }}, operator: In, values: [76]}
+      {{- end }}
       # Preemption, eviction, node drain: not the stage's fault, retry without counting it.
       - action: Ignore
         onPodConditions: [{type: DisruptionTarget}]
@@ -139,6 +170,10 @@ spec:
       {{- end }}
     spec:
       restartPolicy: Never
+      {{- if gt $nodes 1 }}
+      # Gives pod N the DNS name <job>-N.<job> through the run's headless Service.
+      subdomain: {{ $run }}-{{ $name }}
+      {{- end }}
       {{- include "tunectl.notPid1" . | nindent 6 }}
       terminationGracePeriodSeconds: {{ int $s.terminationGracePeriodSeconds }}
       # Stages talk to the store, never to the Kubernetes API.
@@ -181,6 +216,9 @@ spec:
             - {name: TMPDIR, value: /scratch/tmp}
             - {name: HF_HOME, value: /scratch/hf}
             - {name: TUNECTL_S3_CACHE, value: /scratch/store}
+            {{- if gt $nodes 1 }}
+            - {name: TUNECTL_RDZV_ENDPOINT, value: {{ include "tunectl.rendezvous" $labels | quote }}}
+            {{- end }}
             {{- include "tunectl.s3env" $root | nindent 12 }}
             {{- with $root.Values.huggingFace.tokenSecret }}
             - name: HF_TOKEN
