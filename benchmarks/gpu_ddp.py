@@ -12,7 +12,14 @@ checkpoint, as `ruozhiba` trains) and its synthetic Chinese Alpaca rows, with th
 It prints, per configuration: steps/s, rows/s, tokens/s (rows/s x the rows' mean length), scaling efficiency
 against the same preset on 1 GPU (throughput / (N x 1-GPU throughput)), peak memory of each GPU (NVML), final loss.
 
+A short warm-up run (same-1, 3 steps, not reported) goes first: the first train stage on a machine compiles and
+caches kernels (Unsloth's compiled modules in the working directory, Triton's autotuning) that every later run
+reuses, and without it the first configuration measured pays for all of them (on an H100: same-1 took 61.6 s for 30
+steps run first, torchrun-1 42.4 s right after it). `--repeat N` runs the configurations N times, interleaved, so
+run-to-run noise (loss differences from GPU atomics included) can be told from a difference between them.
+
     python benchmarks/gpu_ddp.py run --out OUTDIR [--gpus 1,2,4,8] [--steps 30] [--configs same,fast,torchrun]
+                                     [--repeat N] [--no-warmup]
     python benchmarks/gpu_ddp.py table OUTDIR/ddp.json
     python benchmarks/gpu_ddp.py run --tiny --out OUTDIR --gpus 1,2   # CPU: gloo processes, a tiny shape
 """
@@ -105,13 +112,21 @@ def cmd_run(a: argparse.Namespace) -> int:
     have = _devices()
     if have and max(gpus) > have:
         sys.exit(f"error: --gpus {a.gpus} asks for {max(gpus)} GPUs; this machine has {have}")
+    if a.warmup:
+        print("warm-up (same-1, 3 steps, not reported) ...", flush=True)
+        warm = run_one(work, "warmup", 1, [], False, 3)
+        if warm["exit_code"] != 0:
+            print(warm.get("log_tail", ""), file=sys.stderr)
+            return 1
     results = []
-    for tag, procs, sets, torchrun in _configs(a.configs.split(","), gpus):
-        print(f"{tag}: {procs} process(es) ...", flush=True)
-        results.append(run_one(work, tag, procs, sets, torchrun, a.steps))
-        print(json.dumps({k: v for k, v in results[-1].items() if k != "losses"}), flush=True)
+    for round_ in range(1, a.repeat + 1):
+        for tag, procs, sets, torchrun in _configs(a.configs.split(","), gpus):
+            print(f"{tag} (round {round_}): {procs} process(es) ...", flush=True)
+            results.append({**run_one(work, tag, procs, sets, torchrun, a.steps), "round": round_})
+            print(json.dumps({k: v for k, v in results[-1].items() if k != "losses"}), flush=True)
     doc = {"results": results, "model": model, "data": {k: v for k, v in data.items() if k != "example"},
-           "env": gpu_train.env_info(), "gpus": have, "cpus": os.cpu_count(), "steps": a.steps}  # fmt: skip
+           "env": gpu_train.env_info(), "gpus": have, "cpus": os.cpu_count(), "steps": a.steps,
+           "warmup": a.warmup}  # fmt: skip
     Path(a.out).mkdir(parents=True, exist_ok=True)
     (Path(a.out) / "ddp.json").write_text(json.dumps(doc, indent=1))
     print_table(doc)
@@ -130,11 +145,12 @@ def _devices() -> int:
 def print_table(doc: dict[str, Any]) -> None:
     tokens_per_row = doc["data"]["tokens_mean"]
     rate: dict[str, float] = {}
-    print(f"{'config':11} {'procs':>5} {'steps/s':>8} {'rows/s':>8} {'tokens/s':>9} {'scaling':>8} {'loss':>7}  "
+    print(f"{'config':12} {'procs':>5} {'steps/s':>8} {'rows/s':>8} {'tokens/s':>9} {'scaling':>8} {'loss':>7}  "
           f"peak MiB per GPU")  # fmt: skip
     for r in doc["results"]:
+        name = r["config"] + (f"#{r['round']}" if r.get("round", 1) > 1 else "")
         if r["exit_code"] != 0 or not r["train_seconds"]:
-            print(f"{r['config']:11} {r['processes']:5} failed (exit {r['exit_code']})")
+            print(f"{name:12} {r['processes']:5} failed (exit {r['exit_code']})")
             continue
         steps_s = r["steps"] / r["train_seconds"]
         rows_s = steps_s * r["rows_per_step"]
@@ -144,13 +160,30 @@ def print_table(doc: dict[str, Any]) -> None:
         base = rate.get(preset)
         scaling = f"{rows_s / (r['processes'] * base):.2f}" if base and not r["torchrun"] else "-"
         peaks = ", ".join(f"{v}" for _, v in sorted(r["peak_mib_per_gpu"].items())) or "-"
-        print(f"{r['config']:11} {r['processes']:5} {steps_s:8.3f} {rows_s:8.2f} {rows_s * tokens_per_row:9.0f} "
+        print(f"{name:12} {r['processes']:5} {steps_s:8.3f} {rows_s:8.2f} {rows_s * tokens_per_row:9.0f} "
               f"{scaling:>8} {r['final_loss']:7.4f}  {peaks}")  # fmt: skip
-    same1 = next((r for r in doc["results"] if r["config"] == "same-1"), None)
-    tr = next((r for r in doc["results"] if r["config"] == "torchrun-1"), None)
-    if same1 and tr and same1["losses"] and tr["losses"]:
-        diff = max(abs(x - y) for x, y in zip(same1["losses"], tr["losses"], strict=True))
-        print(f"torchrun-1 vs same-1: largest loss difference over {len(tr['losses'])} steps {diff:.2e}")
+    _launcher_cost(doc["results"])
+
+
+def _launcher_cost(results: list[dict[str, Any]]) -> None:
+    """torchrun-1 against same-1: mean training time of each, and the largest loss difference between them next to
+    the largest between two runs of same-1 (the noise), where --repeat gave two."""
+    runs = {c: [r for r in results if r["config"] == c and r["exit_code"] == 0 and r["losses"]]
+            for c in ("same-1", "torchrun-1")}  # fmt: skip
+    same, tr = runs["same-1"], runs["torchrun-1"]
+    if not (same and tr):
+        return
+
+    def mean_s(rs: list[dict[str, Any]]) -> float:
+        return sum(r["train_seconds"] for r in rs) / len(rs)
+
+    def largest(a: dict[str, Any], b: dict[str, Any]) -> float:
+        return max(abs(x - y) for x, y in zip(a["losses"], b["losses"], strict=True))
+
+    print(f"torchrun-1 vs same-1: training {mean_s(tr):.1f} s vs {mean_s(same):.1f} s for {tr[0]['steps']} steps "
+          f"(mean of {len(tr)} and {len(same)} runs, ratio {mean_s(tr) / mean_s(same):.3f}); largest loss difference "
+          f"{max(largest(t, s) for t in tr for s in same):.2e}"
+          + (f", between two same-1 runs {largest(same[0], same[1]):.2e}" if len(same) > 1 else ""))  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -164,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--steps", type=int, default=30)
     r.add_argument("--rows", type=int, default=1500)
     r.add_argument("--tiny", action="store_true", help="a tiny shape on the CPU (gloo processes)")
+    r.add_argument("--repeat", type=int, default=1, help="run the configurations this many times, interleaved")
+    r.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the warm-up run")
     t = sub.add_parser("table")
     t.add_argument("results")
     a = p.parse_args(argv)
