@@ -279,7 +279,13 @@ def test_no_value_adds_a_field_even_without_the_schema(recipe, tmp_path, monkeyp
 # Values the chart checks itself before inserting them (the run id, stage names, the namespace), helpers whose
 # output is quoted or validated, and what makes an insertion safe.
 _VALIDATED = {"$run", "$name", "$stage", "$namespace", "$id"}
-_SAFE_HELPERS = {'"tunectl.run"', '"tunectl.image"', '"tunectl.namespace"', '"tunectl.stageJob"'}
+_SAFE_HELPERS = {
+    '"tunectl.run"',
+    '"tunectl.image"',
+    '"tunectl.namespace"',
+    '"tunectl.stageJob"',
+    '"tunectl.rendezvous"',
+}
 _SAFE_FUNCTIONS = {"quote", "toYaml", "toJson", "int", "nindent"}
 _CONTROL = ("/*", "define", "end", "if", "else", "with", "range", "fail")
 

@@ -98,12 +98,12 @@ dnsPolicy: ClusterFirstWithHostNet
 {{- int $n -}}
 {{- end -}}
 
-{{/* Where the train pods of a run across nodes meet: pod 0 of the Indexed Job, by its name in the run's headless
-Service (an Indexed Job's pod is named <job>-<index> in DNS), unless the values name a host. */}}
+{{/* Where the train pods of a run across nodes meet, quoted: pod 0 of the Indexed Job, by its name in the run's
+headless Service (an Indexed Job's pod is named <job>-<index> in DNS), unless the values name a host. */}}
 {{- define "tunectl.rendezvous" -}}
 {{- $run := include "tunectl.run" .root -}}
 {{- $r := .root.Values.stages.train.rendezvous -}}
-{{- printf "%s:%d" ($r.host | default (printf "%s-train-0.%s-train" $run $run)) (int $r.port) -}}
+{{- printf "%s:%d" ($r.host | default (printf "%s-train-0.%s-train" $run $run)) (int $r.port) | quote -}}
 {{- end -}}
 
 {{/* One stage's Job. Call with (dict "root" $ "stage" "train" "after" "" ). */}}
@@ -141,8 +141,8 @@ spec:
   {{- if gt $nodes 1 }}
   # One pod per node, all at once (Kueue admits them as one workload); each knows its index (JOB_COMPLETION_INDEX).
   completionMode: Indexed
-  completions: {{ $nodes }}
-  parallelism: {{ $nodes }}
+  completions: {{ int $nodes }}
+  parallelism: {{ int $nodes }}
   {{- end }}
   podFailurePolicy:
     rules:
@@ -217,7 +217,7 @@ spec:
             - {name: HF_HOME, value: /scratch/hf}
             - {name: TUNECTL_S3_CACHE, value: /scratch/store}
             {{- if gt $nodes 1 }}
-            - {name: TUNECTL_RDZV_ENDPOINT, value: {{ include "tunectl.rendezvous" $labels | quote }}}
+            - {name: TUNECTL_RDZV_ENDPOINT, value: {{ include "tunectl.rendezvous" $labels }}}
             {{- end }}
             {{- include "tunectl.s3env" $root | nindent 12 }}
             {{- with $root.Values.huggingFace.tokenSecret }}
