@@ -136,7 +136,7 @@ def _exit_text(term: dict[str, Any]) -> str:
 
 def termination_error(pods: list[dict[str, Any]]) -> str | None:
     """The error line the newest failed pod's stage program wrote into its termination message, if any."""
-    for pod in _causes_first([p for p in _newest(pods) if (p.get("status") or {}).get("phase") == "Failed"]):
+    for pod in _failed_causes_first(pods):
         term = _terminated(pod)
         return read_status(term.get("message")).get("error") if term else None
     return None
@@ -146,9 +146,10 @@ def _newest(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
 
 
-def _causes_first(failed: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Failed pods, newest first, except that a pod of a training group that only lost its peers comes after those
-    that failed by themselves: the cause is what to report, not its effect on the others."""
+def _failed_causes_first(pods: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The failed pods, newest first, except that a pod of a training group that only lost its peers comes after
+    those that failed by themselves: the cause is what to report, not its effect on the others."""
+    failed = [p for p in _newest(pods) if (p.get("status") or {}).get("phase") == "Failed"]
     return sorted(failed, key=lambda p: (_terminated(p) or {}).get("exitCode") == EXIT_PEER_LOST)
 
 
@@ -165,7 +166,7 @@ def stage_status(stage: str, job: dict[str, Any] | None, pods: list[dict[str, An
     out = StageStatus(stage, job_state(job), job=job["metadata"]["name"])
     out.started = st.get("startTime")
     out.finished = st.get("completionTime")
-    failed_pods = _causes_first([p for p in _newest(pods) if (p.get("status") or {}).get("phase") == "Failed"])
+    failed_pods = _failed_causes_first(pods)
     group = int((job.get("spec") or {}).get("parallelism") or 1)  # > 1: an Indexed Job, one pod per node
     pods_run = (st.get("failed") or 0) + (st.get("succeeded") or 0) + (st.get("active") or 0)
     attempts = -(-pods_run // group)  # a group's pods count as one attempt
