@@ -1,10 +1,15 @@
-"""Checks on an Alpaca-format data set, shared by the submit-time preflight and the train stage.
+"""Checks on a data set, shared by the submit-time preflight and the train stage.
 
-The rules are the same in both places, so bad data is refused before it can train silently:
+The rules are the same in both places, so bad data is refused before it can train silently. Alpaca rows:
 - `instruction` and `output` are text (a string: not a number, list or object) that is not blank;
 - `input` may be absent, null or empty, and is text when given;
-- a column named in `data.columns` must exist, except the default `input` column;
-- only the first `data.max_rows` rows are checked, as only they train.
+- a column named in `data.columns` must exist, except the default `input` column.
+Conversations (data.format messages or sharegpt), in the column `data.conversation` names:
+- a non-empty list of turns, each an object with a text role (one of system, user, assistant, or a name
+  `data.conversation.roles` maps to one) and text content that is not blank;
+- a system turn only first; then user and assistant take turns, starting with the user and ending with the
+  assistant, whose answers are what the model learns.
+Only the first `data.max_rows` rows are checked, as only they train.
 Numbers are refused rather than converted: their text is ambiguous (JSON 1.50 reads back as 1.5), so the
 file should say what the model is to learn, quoted. An error names the first bad row by its number (and its
 line for JSONL and CSV) and counts the others. Only the standard library at import: the CLI runs this.
@@ -37,9 +42,24 @@ def suffix_of(path: Path, source: str) -> str:
     return suffix
 
 
+def used_columns(spec: DataSpec) -> list[str]:
+    """The columns a row of this format trains from."""
+    if spec.is_chat:
+        return [spec.turns.column]
+    return list(dict.fromkeys(getattr(spec.columns, r) for r in ROLES))
+
+
 def check_columns(found: list[str], rows: int, spec: DataSpec, source: str) -> None:
     if rows == 0:
         raise ConfigError(f"data set {source} has no rows")
+    if spec.is_chat:
+        column = spec.turns.column
+        if column not in found:
+            raise ConfigError(
+                f"data set {source} has no '{column}' column (found: {', '.join(found) or 'none'}); rename it or "
+                f"map it with --set data.conversation.column=<column>"
+            )
+        return
     cols = spec.columns
     names = [getattr(cols, role) for role in ROLES]
     for name in names:
@@ -72,6 +92,8 @@ def _kind(value: Any) -> str:
 
 def row_problem(row: Mapping[str, Any], spec: DataSpec) -> str | None:
     """What is wrong with one row, or None."""
+    if spec.is_chat:
+        return conversation_problem(row.get(spec.turns.column), spec)
     cols = spec.columns
     for role in ROLES:
         name = getattr(cols, role)
@@ -85,6 +107,58 @@ def row_problem(row: Mapping[str, Any], spec: DataSpec) -> str | None:
         elif role != "input" and not value.strip():
             return f"{field} is empty"
     return None
+
+
+def conversation_problem(turns: Any, spec: DataSpec) -> str | None:
+    """What is wrong with one row's conversation, or None; names the turn (1-based) and its field."""
+    t = spec.turns
+    field = f"field '{t.column}'"
+    if turns is None:
+        return f"{field} is missing or null"
+    if not isinstance(turns, (list, tuple)):
+        return f"{field} is {_kind(turns)}, expected a list of turns"
+    if not turns:
+        return f"{field} has no turns"
+    before = None  # the role of the turn before, as system/user/assistant
+    for n, turn in enumerate(turns, 1):
+        if not isinstance(turn, Mapping):
+            return f"turn {n} is {_kind(turn)}, expected an object with '{t.role_key}' and '{t.content_key}'"
+        name, content = turn.get(t.role_key), turn.get(t.content_key)
+        if name is None:
+            return f"turn {n} has no '{t.role_key}'"
+        if not isinstance(name, str):
+            return f"turn {n}: '{t.role_key}' is {_kind(name)}, expected text"
+        role = t.roles.get(name)
+        if role is None:
+            known = ", ".join(t.roles)
+            return (
+                f"turn {n}: role '{name}' is not one of {known} (map it with --set "
+                f"data.conversation.roles.{name}=user|assistant|system)"
+            )
+        if content is None:
+            return f"turn {n} ({name}) has no '{t.content_key}'"
+        if not isinstance(content, str):
+            return f"turn {n} ({name}): '{t.content_key}' is {_kind(content)}, expected text"
+        if not content.strip():
+            return f"turn {n} ({name}) is empty"
+        if role == "system" and n > 1:
+            return f"turn {n} is a system turn; only the first turn may be one"
+        expected = "user" if before in (None, "system", "assistant") else "assistant"
+        if role != "system" and role != expected:
+            where = "a conversation starts with the user" if before in (None, "system") else (
+                f"it follows {'an' if before == 'assistant' else 'a'} {before} turn; user and assistant take turns"
+            )  # fmt: skip
+            return f"turn {n} is {role} ({name}); {where}"
+        before = role
+    if before != "assistant":
+        return f"the last turn is {before}; a conversation ends with the assistant's answer, which is what trains"
+    return None
+
+
+def conversation(row: Mapping[str, Any], spec: DataSpec) -> list[dict[str, str]]:
+    """A checked row's turns as system/user/assistant messages (the form chat templates take)."""
+    t = spec.turns
+    return [{"role": t.roles[turn[t.role_key]], "content": turn[t.content_key]} for turn in row[t.column]]
 
 
 def row_label(index: int, lines: Sequence[int] | None = None) -> str:
@@ -215,7 +289,7 @@ def _parquet_rows(path: Path, spec: DataSpec, source: str) -> tuple[list[dict[st
     except Exception as e:  # noqa: BLE001  pyarrow raises several types for a file it cannot read
         raise ConfigError(f"data set {source}: cannot be read as Parquet ({str(e).splitlines()[0]})") from None
     found = list(table.column_names)
-    wanted = [c for c in dict.fromkeys(getattr(spec.columns, r) for r in ROLES) if c in found]
+    wanted = [c for c in used_columns(spec) if c in found]
     total = table.num_rows
     if spec.max_rows is not None:
         table = table.slice(0, spec.max_rows)
@@ -225,8 +299,8 @@ def _parquet_rows(path: Path, spec: DataSpec, source: str) -> tuple[list[dict[st
 @dataclass
 class LocalFile:
     """What the check read: the file's columns, each checked row's line (JSONL, CSV), and for JSON, JSONL and
-    CSV the checked rows themselves (their instruction, input and output), which is what the train stage
-    trains on: one reading of the file, so what was checked is what trains."""
+    CSV the checked rows themselves (the columns the format trains from), which is what the train stage trains
+    on: one reading of the file, so what was checked is what trains."""
 
     columns: list[str]
     lines: list[int] | None
@@ -247,6 +321,11 @@ def peek_local_file(path: Path, spec: DataSpec, source: str) -> LocalFile | None
         rows, found, total = got
     else:
         text = _text(path, source, suffix)
+        if suffix == ".csv" and spec.is_chat:
+            raise ConfigError(
+                f"data set {source}: a CSV file holds text cells, not conversations; use JSON Lines (.jsonl) with "
+                f"a '{spec.turns.column}' list per row"
+            )
         if suffix == ".csv":
             rows, lines, found = _csv_rows(text, source)
         else:
@@ -259,5 +338,5 @@ def peek_local_file(path: Path, spec: DataSpec, source: str) -> LocalFile | None
     check_rows(rows, spec, source, lines)
     if suffix == ".parquet":
         return LocalFile(columns=found, lines=None, rows=None)  # datasets reads Parquet with its own types
-    names = [c for c in dict.fromkeys(getattr(spec.columns, r) for r in ROLES) if c in found]
+    names = [c for c in used_columns(spec) if c in found]
     return LocalFile(columns=found, lines=lines, rows=[{c: r.get(c) for c in names} for r in rows])

@@ -10,6 +10,7 @@ from __future__ import annotations
 import difflib
 import re
 import string
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
@@ -119,12 +120,55 @@ class Columns(_Strict):
     output: str = "output"
 
 
+CHAT_ROLES = ("system", "user", "assistant")
+ChatRole = Literal["system", "user", "assistant"]
+# Each chat format's defaults: the column holding the turns, the keys of a turn, and role names besides the three.
+CHAT_FORMATS: dict[str, tuple[str, str, str, dict[str, ChatRole]]] = {
+    "messages": ("messages", "role", "content", {}),
+    "sharegpt": ("conversations", "from", "value", {"human": "user", "gpt": "assistant"}),
+}
+
+
+class Conversation(_Strict):
+    """Where a chat row (data.format messages or sharegpt) keeps its turns; an empty field takes the format's
+    default (messages: column `messages`, keys `role` and `content`; sharegpt: `conversations`, `from` and `value`,
+    with `human` and `gpt` for user and assistant). `roles` names more roles, e.g. {bot: assistant}."""
+
+    column: str = ""
+    role_key: str = ""
+    content_key: str = ""
+    roles: dict[str, ChatRole] = Field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Turns:
+    """A chat format's conversation layout, defaults filled in."""
+
+    column: str
+    role_key: str
+    content_key: str
+    roles: dict[str, str]  # a role as the data names it -> system, user or assistant
+
+
 class DataSpec(_Strict):
     source: str = Field(description="Hub data set id, or a local .json/.jsonl/.parquet/.csv file")
     split: str = "train"
-    format: Literal["alpaca"] = "alpaca"
+    format: Literal["alpaca", "messages", "sharegpt"] = Field(
+        "alpaca", description="alpaca: instruction/input/output; messages or sharegpt: a conversation per row"
+    )
     prompt_template: str = ALPACA_TEMPLATE
     columns: Columns = Columns()
+    conversation: Conversation = Conversation()
+    train_on: Literal["all", "assistant"] | None = Field(
+        None,
+        description="which tokens the loss is on: all, or the assistant's turns (Alpaca: the response); "
+        "default: assistant for chat formats, all for alpaca",
+    )
+    chat_template: str = Field(
+        "model",
+        description="chat formats: the template conversations are rendered with: model (the base tokenizer's), "
+        "chatml, or a Jinja template",
+    )
     add_eos: bool = Field(True, description="append the EOS token so the model learns to stop")
     max_rows: Count | None = Field(None, gt=0)
     too_long: Literal["error", "drop", "cut_prompt"] = Field(
@@ -138,6 +182,53 @@ class DataSpec(_Strict):
     def _template_slots(cls, v: str) -> str:
         check_prompt_template(v)
         return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _chat_template(cls, v: str) -> str:
+        if v not in ("model", "chatml") and "{{" not in v and "{%" not in v:
+            raise ValueError(f"{v[:60]!r} is not model, chatml or a Jinja template")
+        return v
+
+    @model_validator(mode="after")
+    def _format_fields(self) -> DataSpec:
+        """A setting of one format is refused with the other, so it never goes silently unused."""
+        if self.is_chat:
+            alpaca = {"prompt_template": self.prompt_template != ALPACA_TEMPLATE, "columns": self.columns != Columns(),
+                      "add_eos": not self.add_eos}  # fmt: skip
+            if any(alpaca.values()):
+                raise ValueError(
+                    f"{next(k for k, v in alpaca.items() if v)} is for data.format alpaca; a {self.format} "
+                    "conversation is rendered with data.chat_template, whose end-of-turn token the model learns to "
+                    "stop at"
+                )
+            if self.too_long == "cut_prompt":
+                raise ValueError("too_long cut_prompt is for data.format alpaca; use error or drop")
+            if self.turns.role_key == self.turns.content_key:
+                raise ValueError(f"conversation.role_key and .content_key both name '{self.turns.role_key}'")
+        else:
+            chat = {"conversation": self.conversation != Conversation(), "chat_template": self.chat_template != "model"}
+            if any(chat.values()):
+                raise ValueError(
+                    f"{next(k for k, v in chat.items() if v)} is for data.format messages or sharegpt, not alpaca"
+                )
+        return self
+
+    @property
+    def is_chat(self) -> bool:
+        return self.format in CHAT_FORMATS
+
+    @property
+    def loss_on(self) -> Literal["all", "assistant"]:
+        """train_on, or its default for the format."""
+        return self.train_on or ("assistant" if self.is_chat else "all")
+
+    @property
+    def turns(self) -> Turns:
+        column, role_key, content_key, extra = CHAT_FORMATS.get(self.format, CHAT_FORMATS["messages"])
+        c = self.conversation
+        roles = {**{r: r for r in CHAT_ROLES}, **extra, **c.roles}
+        return Turns(c.column or column, c.role_key or role_key, c.content_key or content_key, roles)
 
 
 class LoraSpec(_Strict):

@@ -11,7 +11,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from tunectl.datacheck import BUILDERS, check_columns, check_rows, peek_local_file, row_label, suffix_of
+from tunectl.datacheck import (
+    BUILDERS,
+    check_columns,
+    check_rows,
+    peek_local_file,
+    row_label,
+    suffix_of,
+    used_columns,
+)
 from tunectl.errors import ConfigError
 from tunectl.recipe import DataSpec
 from tunectl.refs import resolve
@@ -60,8 +68,7 @@ def load_rows(spec: DataSpec) -> tuple[Any, list[int] | None]:
 
 
 def _rows(ds: Any, spec: DataSpec) -> Iterator[dict[str, Any]]:
-    cols = spec.columns
-    names = [n for n in (cols.instruction, cols.input, cols.output) if n in ds.column_names]
+    names = [n for n in used_columns(spec) if n in ds.column_names]
     for batch in ds.select_columns(names).iter(batch_size=1000):
         yield from (dict(zip(names, values, strict=True)) for values in zip(*(batch[n] for n in names), strict=True))
 
