@@ -74,3 +74,49 @@ def test_a_model_without_a_chat_template_needs_one_named(tok):
     with pytest.raises(ConfigError, match="has no chat template of its own: set data.chat_template to chatml"):
         chat.template_for(RECIPE.data, Bare(), "some/base")
     assert chat.template_for(RECIPE.data, tok, RECIPE.model.name) == tok.chat_template
+
+
+def test_a_data_set_of_conversations_becomes_token_ids_and_marks_with_too_long_applied(tok):
+    import datasets
+
+    from tunectl_jobs import chat
+
+    long_talk = [{"role": "user", "content": "讲个故事"}, {"role": "assistant", "content": "从前有座山。" * 60}]
+    ds = datasets.Dataset.from_list([{"messages": TALK}, {"messages": long_talk}])
+    text = chat.template_for(RECIPE.data, tok, RECIPE.model.name)
+    with pytest.raises(ConfigError) as e:
+        chat.tokenized_dataset(ds, RECIPE.data, tok, text, [2], 128, lines=[1, 2])
+    assert str(e.value).startswith(f"data set {RECIPE.data.source}: 1 of 2 conversations are longer than "
+                                   "model.max_seq_length (128 tokens; first: row 2 (line 2) with ")  # fmt: skip
+    drop = load_recipe("ruozhiba-tiny", ["data.format=messages", "data.too_long=drop"]).data
+    out, counts = chat.tokenized_dataset(ds, drop, tok, text, [2], 128)
+    assert out.column_names == ["input_ids", "assistant_masks"] and len(out) == 1
+    assert counts["rows_dropped"] == 1 and counts["rows_trained"] == 1 and counts["longest_row_tokens"] > 128
+    assert marked(tok, out[0]["input_ids"], out[0]["assistant_masks"]) == "等于二。<|im_end|>三。<|im_end|>"
+    every = load_recipe("ruozhiba-tiny", ["data.format=messages", "data.train_on=all"]).data
+    out, _ = chat.tokenized_dataset(ds.select([0]), every, tok, text, [2], 128)
+    assert out.column_names == ["input_ids"]
+    bad = datasets.Dataset.from_list([{"messages": TALK}])
+    with pytest.raises(ConfigError, match=r"row 1: turn 2: the chat template ends the assistant's turn without a stop"):
+        chat.tokenized_dataset(bad, RECIPE.data, tok, chat.CHATML.replace("'<|im_end|>'", "'\\n'"), [2], 128)
+
+
+def test_trl_turns_the_marks_into_labels_so_only_the_answers_train(tok, tmp_path):
+    """The pinned TRL takes the pre-tokenized set as it is and builds the labels from `assistant_masks`: the batch
+    the model trains on has -100 on everything but the answers and their stop tokens."""
+    import datasets
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from tunectl_jobs import chat
+    from tunectl_jobs.models import base_model_path
+
+    ds, _ = chat.tokenized_dataset(datasets.Dataset.from_list([{"messages": TALK}]), RECIPE.data, tok,
+                                   chat.template_for(RECIPE.data, tok, RECIPE.model.name), [2], 512)  # fmt: skip
+    model = AutoModelForCausalLM.from_pretrained(base_model_path(RECIPE.model.name))
+    args = SFTConfig(output_dir=str(tmp_path), max_length=512, report_to="none", use_cpu=True, max_steps=1)
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ds, args=args)
+    batch = trainer.data_collator([trainer.train_dataset[0]])
+    labels = batch["labels"][0].tolist()
+    assert tok.decode([t for t in labels if t != -100]) == "等于二。<|im_end|>三。<|im_end|>"
+    assert batch["input_ids"][0].tolist() == ds[0]["input_ids"]

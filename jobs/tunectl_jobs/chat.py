@@ -81,3 +81,48 @@ def tokenize(
         for j in range(span.start, end + 1):
             mask[j] = 1
     return ids, mask
+
+
+def tokenized_dataset(
+    ds: Any,
+    spec: DataSpec,
+    tokenizer: Any,
+    template: str,
+    stop_ids: Sequence[int],
+    max_length: int,
+    lines: list[int] | None = None,
+) -> tuple[Any, dict[str, int]]:
+    """The checked conversations as a pre-tokenized data set (`input_ids`, and `assistant_masks` when the loss is
+    on the assistant's turns), with `data.too_long` applied to those longer than `max_length` tokens; counts for
+    the manifest as `data.fit_to_length` gives them. A row the template cannot mark is refused, naming it."""
+    import datasets
+
+    from tunectl.datacheck import conversation, row_label
+
+    masks = spec.loss_on == "assistant"
+    rows: list[dict[str, list[int]]] = []
+    for i, row in enumerate(ds):
+        try:
+            ids, mask = tokenize(tokenizer, template, conversation(row, spec), stop_ids, masks)
+        except ValueError as e:
+            raise ConfigError(f"data set {spec.source} {row_label(i, lines)}: {e}") from None
+        rows.append({"input_ids": ids, **({"assistant_masks": mask} if mask is not None else {})})
+    lengths = [len(r["input_ids"]) for r in rows]
+    over = [i for i, n in enumerate(lengths) if n > max_length]
+    counts = {"rows_trained": len(rows), "rows_too_long": len(over), "rows_dropped": 0, "rows_prompt_cut": 0,
+              "longest_row_tokens": max(lengths, default=0)}  # fmt: skip
+    if over:
+        first = over[0]
+        what = (
+            f"data set {spec.source}: {len(over)} of {len(rows)} conversations are longer than model.max_seq_length "
+            f"({max_length} tokens; first: {row_label(first, lines)} with {lengths[first]})"
+        )
+        if spec.too_long == "error":
+            raise ConfigError(f"{what}; training would cut off their ends: raise model.max_seq_length, or set "
+                              "data.too_long to drop")  # fmt: skip
+        if len(over) == len(rows):
+            raise ConfigError(f"{what}: dropping them leaves no rows; raise model.max_seq_length")
+        dropped = set(over)
+        rows = [r for i, r in enumerate(rows) if i not in dropped]
+        counts.update(rows_dropped=len(over), rows_trained=len(rows))
+    return datasets.Dataset.from_list(rows), counts
