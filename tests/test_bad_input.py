@@ -21,7 +21,7 @@ def _jsonl(path: Path, rows: list[dict]) -> Path:
 @pytest.mark.parametrize(
     ("args", "expected"),
     [
-        (["nope"], "unknown recipe 'nope': built-in recipes are ruozhiba, ruozhiba-tiny"),
+        (["nope"], "unknown recipe 'nope': built-in recipes are ruozhiba, ruozhiba-chat-tiny, ruozhiba-tiny"),
         (
             ["ruozhiba-tiny", "--set", "training.max_stepz=3"],
             "unknown key 'training.max_stepz'; did you mean 'max_steps'?",

@@ -17,19 +17,40 @@ def spec(*sets: str):
     return load_recipe("ruozhiba-tiny", list(sets)).data
 
 
+def chat(*sets: str):
+    """The tiny chat recipe's data settings (data.format messages), with `sets`."""
+    return load_recipe("ruozhiba-chat-tiny", list(sets)).data
+
+
 def test_each_format_has_its_layout_and_loss_default():
     alpaca = spec()
     assert (alpaca.format, alpaca.is_chat, alpaca.loss_on) == ("alpaca", False, "all")
-    messages = spec("data.format=messages").turns
+    messages = chat().turns
     assert (messages.column, messages.role_key, messages.content_key) == ("messages", "role", "content")
-    share = spec("data.format=sharegpt", "data.conversation.roles.bot=assistant")
+    share = chat("data.format=sharegpt", "data.conversation.roles.bot=assistant")
     assert share.loss_on == "assistant"
     t = share.turns
     assert (t.column, t.role_key, t.content_key) == ("conversations", "from", "value")
     assert t.roles == {"system": "system", "user": "user", "assistant": "assistant", "human": "user",
                        "gpt": "assistant", "bot": "assistant"}  # fmt: skip
-    assert spec("data.format=messages", "data.train_on=all").loss_on == "all"
+    assert chat("data.train_on=all").loss_on == "all"
     assert spec("data.train_on=assistant").loss_on == "assistant"  # Alpaca: loss on the response only
+
+
+def test_test_prompts_take_the_fields_of_their_format(tmp_path: Path):
+    with pytest.raises(ConfigError) as e:
+        load_recipe("ruozhiba-tiny", ["data.format=messages"])  # its prompts have an Alpaca input
+    assert str(e.value) == (
+        "recipe ruozhiba-tiny: test_prompts[0].input is for data.format alpaca; with messages the user's message "
+        "goes in instruction (and a system message in system)"
+    )
+    alpaca = tmp_path / "alpaca.yaml"
+    alpaca.write_text("extends: ruozhiba-tiny\nname: mine\ntest_prompts:\n  - {instruction: 你好, system: 简短}\n")
+    with pytest.raises(ConfigError, match=r"test_prompts\[0\]\.system is for data.format messages or sharegpt"):
+        load_recipe(str(alpaca))
+    prompts = load_recipe("ruozhiba-chat-tiny").test_prompts
+    assert prompts[1].messages() == [{"role": "system", "content": "回答要简短、有礼貌。"},
+                                     {"role": "user", "content": "我把袜子穿反了，是不是就等于没穿袜子？"}]  # fmt: skip
 
 
 @pytest.mark.parametrize(
@@ -38,7 +59,7 @@ def test_each_format_has_its_layout_and_loss_default():
         (["data.format=messages", "data.prompt_template={instruction}{input}{output}"],
          "'data': prompt_template is for data.format alpaca; a messages conversation is rendered with "
          "data.chat_template"),
-        (["data.format=sharegpt", "data.add_eos=false"], "'data': add_eos is for data.format alpaca"),
+        (["data.format=messages", "data.add_eos=false"], "'data': add_eos is for data.format alpaca"),
         (["data.format=messages", "data.too_long=cut_prompt"],
          "'data': too_long cut_prompt is for data.format alpaca; use error or drop"),
         (["data.chat_template=chatml"], "'data': chat_template is for data.format messages or sharegpt, not alpaca"),
@@ -53,7 +74,7 @@ def test_each_format_has_its_layout_and_loss_default():
 )  # fmt: skip
 def test_a_setting_of_the_other_format_is_refused_in_one_line(sets, says):
     with pytest.raises(ConfigError) as e:
-        spec(*sets)
+        (chat if "data.format=messages" in sets else spec)(*(s for s in sets if s != "data.format=messages"))
     assert says in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
@@ -97,12 +118,12 @@ def bot(text: str) -> dict[str, str]:
     ],
 )  # fmt: skip
 def test_each_bad_conversation_names_its_turn(turns, says):
-    problem = conversation_problem(turns, spec("data.format=messages"))
+    problem = conversation_problem(turns, chat())
     assert problem is not None and problem.startswith(says), problem
 
 
 def test_a_sharegpt_conversation_becomes_messages():
-    s = spec("data.format=sharegpt")
+    s = chat("data.format=sharegpt")
     row = {"conversations": [{"from": "system", "value": "简短回答"}, {"from": "human", "value": "一加一"},
                              {"from": "gpt", "value": "二。"}, {"from": "human", "value": "再加一"},
                              {"from": "gpt", "value": "三。"}]}  # fmt: skip
@@ -115,7 +136,7 @@ def test_a_sharegpt_conversation_becomes_messages():
 
 
 def test_a_local_file_is_checked_row_by_row_and_read_once(tmp_path: Path):
-    s = spec("data.format=messages")
+    s = chat()
     good = [{"messages": [user("为什么月亮跟着我走"), bot("因为它太远了。")], "id": 1},
             {"messages": [user("一加一"), bot("二。"), user("再加一"), bot("三。")], "id": [2]}]  # fmt: skip
     path = tmp_path / "chat.jsonl"

@@ -13,7 +13,7 @@ pytestmark = pytest.mark.ml
 
 pytest.importorskip("transformers")
 
-RECIPE = load_recipe("ruozhiba-tiny", ["data.format=messages"])
+RECIPE = load_recipe("ruozhiba-chat-tiny")
 TALK = [
     {"role": "user", "content": "一加一"},
     {"role": "assistant", "content": "等于二。"},
@@ -39,7 +39,7 @@ def marked(tok, ids, mask):
 def test_only_the_assistant_turns_and_their_stop_tokens_are_marked(tok, template):
     from tunectl_jobs import chat
 
-    spec = load_recipe("ruozhiba-tiny", ["data.format=messages", f"data.chat_template={template}"]).data
+    spec = load_recipe("ruozhiba-chat-tiny", [f"data.chat_template={template}"]).data
     text = chat.template_for(spec, tok, RECIPE.model.name)
     ids, mask = chat.tokenize(tok, text, TALK, [2], masks=True)
     rendered = tok.decode(ids)
@@ -88,12 +88,12 @@ def test_a_data_set_of_conversations_becomes_token_ids_and_marks_with_too_long_a
         chat.tokenized_dataset(ds, RECIPE.data, tok, text, [2], 128, lines=[1, 2])
     assert str(e.value).startswith(f"data set {RECIPE.data.source}: 1 of 2 conversations are longer than "
                                    "model.max_seq_length (128 tokens; first: row 2 (line 2) with ")  # fmt: skip
-    drop = load_recipe("ruozhiba-tiny", ["data.format=messages", "data.too_long=drop"]).data
+    drop = load_recipe("ruozhiba-chat-tiny", ["data.too_long=drop"]).data
     out, counts = chat.tokenized_dataset(ds, drop, tok, text, [2], 128)
     assert out.column_names == ["input_ids", "assistant_masks"] and len(out) == 1
     assert counts["rows_dropped"] == 1 and counts["rows_trained"] == 1 and counts["longest_row_tokens"] > 128
     assert marked(tok, out[0]["input_ids"], out[0]["assistant_masks"]) == "等于二。<|im_end|>三。<|im_end|>"
-    every = load_recipe("ruozhiba-tiny", ["data.format=messages", "data.train_on=all"]).data
+    every = load_recipe("ruozhiba-chat-tiny", ["data.train_on=all"]).data
     out, _ = chat.tokenized_dataset(ds.select([0]), every, tok, text, [2], 128)
     assert out.column_names == ["input_ids"]
     bad = datasets.Dataset.from_list([{"messages": TALK}])

@@ -321,9 +321,18 @@ class ExportSpec(_Strict):
 
 
 class TestPrompt(_Strict):
+    """A prompt the train stage answers before and after training, and the gguf stage's smoke test. Chat formats:
+    `instruction` is the user's message, after an optional `system` one."""
+
     instruction: str
     input: str = ""
+    system: str = ""
     max_new_tokens: Count = Field(128, gt=0, le=32768)
+
+    def messages(self) -> list[dict[str, str]]:
+        """The prompt as a chat format's conversation so far."""
+        head = [{"role": "system", "content": self.system}] if self.system else []
+        return [*head, {"role": "user", "content": self.instruction}]
 
 
 class Recipe(_Strict):
@@ -335,6 +344,18 @@ class Recipe(_Strict):
     training: TrainingSpec = TrainingSpec()
     export: ExportSpec = ExportSpec()
     test_prompts: list[TestPrompt] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _test_prompt_fields(self) -> Recipe:
+        for i, p in enumerate(self.test_prompts):
+            if self.data.is_chat and p.input:
+                raise ValueError(
+                    f"test_prompts[{i}].input is for data.format alpaca; with {self.data.format} the user's message "
+                    "goes in instruction (and a system message in system)"
+                )
+            if not self.data.is_chat and p.system:
+                raise ValueError(f"test_prompts[{i}].system is for data.format messages or sharegpt, not alpaca")
+        return self
 
     def prompt_for(self, instruction: str, input: str = "") -> str:
         """The inference prompt: the training template with an empty response."""
@@ -485,7 +506,9 @@ def _explain(e: ValidationError, source: str) -> str:
         got = err.get("input")
         shown = f" (got {got!r})" if not isinstance(got, (dict, list)) else ""
         text = err["msg"].removeprefix("Value error, ")  # our own validators' messages read as they are
-        msg = f"'{where}': {text[0].lower()}{text[1:]}{shown}"
+        msg = (
+            f"'{where}': " if loc else ""
+        ) + f"{text[0].lower()}{text[1:]}{shown}"  # a whole-recipe check: its own words
     more = f" (and {len(e.errors()) - 1} more)" if len(e.errors()) > 1 else ""
     return f"recipe {source}: {msg}{more}"
 
