@@ -120,3 +120,28 @@ def test_trl_turns_the_marks_into_labels_so_only_the_answers_train(tok, tmp_path
     labels = batch["labels"][0].tolist()
     assert tok.decode([t for t in labels if t != -100]) == "等于二。<|im_end|>三。<|im_end|>"
     assert batch["input_ids"][0].tolist() == ds[0]["input_ids"]
+
+
+def test_alpaca_rows_with_the_loss_on_the_response_train_only_the_response_and_eos(tmp_path):
+    """data.train_on assistant for Alpaca: prompt and completion columns, and TRL's completion-only loss."""
+    import datasets
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from tunectl_jobs import data
+    from tunectl_jobs.models import base_model_path
+
+    recipe = load_recipe("ruozhiba-tiny", ["data.train_on=assistant"])
+    path = base_model_path(recipe.model.name)
+    tok = AutoTokenizer.from_pretrained(path)
+    tok.eos_token = "<|im_end|>"  # as the train stage's token contract corrects it (the GGUF reader names <|im_start|>)
+    rows = datasets.Dataset.from_list([{"instruction": "请用中文回答", "input": "一加一", "output": "等于二。"}])
+    ds = data.format_prompt_completion(rows, recipe.data, "<|im_end|>")
+    assert (
+        ds[0]["prompt"] == recipe.prompt_for("请用中文回答", "一加一") and ds[0]["completion"] == "等于二。<|im_end|>"
+    )
+    args = SFTConfig(output_dir=str(tmp_path), max_length=512, report_to="none", use_cpu=True, max_steps=1)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ds, args=args)
+    labels = trainer.data_collator([trainer.train_dataset[0]])["labels"][0].tolist()
+    assert tok.decode([t for t in labels if t != -100]) == "等于二。<|im_end|>"

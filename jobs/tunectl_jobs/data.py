@@ -96,6 +96,23 @@ def format_alpaca(ds: Any, spec: DataSpec, eos_token: str) -> Any:
     return ds.map(fmt, batched=True, remove_columns=ds.column_names)
 
 
+def format_prompt_completion(ds: Any, spec: DataSpec, eos_token: str) -> Any:
+    """Alpaca rows as `prompt` (the template up to its response) and `completion` (the response, with EOS): TRL's
+    SFTTrainer then puts the loss on the completion only (data.train_on assistant)."""
+    cols = spec.columns
+    has_input = cols.input in ds.column_names
+    suffix = eos_token if spec.add_eos else ""
+
+    def fmt(batch: dict[str, list[Any]]) -> dict[str, list[str]]:
+        n = len(batch[cols.instruction])
+        inputs = batch[cols.input] if has_input else [""] * n
+        prompts = [spec.prompt_template.format(instruction=i or "", input=x or "", output="")
+                   for i, x in zip(batch[cols.instruction], inputs, strict=True)]  # fmt: skip
+        return {"prompt": prompts, "completion": [(o or "") + suffix for o in batch[cols.output]]}
+
+    return ds.map(fmt, batched=True, remove_columns=ds.column_names)
+
+
 def token_lengths(tokenizer: Any, texts: list[str], eos_token: str) -> list[int]:
     """Each text's length in tokens as TRL's SFTTrainer counts it: EOS appended where missing, then the
     tokenizer's plain call (with its own special tokens, e.g. a BOS), and truncation at max_length after."""

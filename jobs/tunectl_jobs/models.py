@@ -146,14 +146,17 @@ def apply_contract_to_generation_config(model: Any, contract: dict[str, Any]) ->
     model.config.pad_token_id = contract["pad_token_id"]
 
 
-def generate(model: Any, tokenizer: Any, prompts: list[tuple[str, int]], eos_ids: list[int]) -> list[dict[str, Any]]:
-    """Greedy answers for (prompt, max_new_tokens) pairs; records whether each stopped at EOS."""
+def generate(
+    model: Any, tokenizer: Any, prompts: list[tuple[str, int]], eos_ids: list[int], add_special_tokens: bool = True
+) -> list[dict[str, Any]]:
+    """Greedy answers for (prompt, max_new_tokens) pairs; records whether each stopped at EOS. A prompt rendered by
+    a chat template already holds its special tokens (`add_special_tokens=False`)."""
     import torch
 
     results = []
     device = next(model.parameters()).device
     for prompt, max_new in prompts:
-        enc = tokenizer(prompt, return_tensors="pt").to(device)
+        enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=add_special_tokens).to(device)
         with torch.no_grad():
             out = model.generate(
                 **enc,

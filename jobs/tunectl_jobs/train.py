@@ -24,7 +24,7 @@ from tunectl import checkpoints as store_checkpoints
 from tunectl.errors import ConfigError, Preempted
 from tunectl.recipe import LoraSpec, Recipe
 
-from . import checkpoints, data, distributed, models
+from . import chat, checkpoints, data, distributed, models
 from .prefetch import Prefetch
 from .stage import StageContext, run_stage
 
@@ -285,10 +285,16 @@ def fine_tune(ctx: StageContext) -> None:
             contract["eos_token_id"],
             contract["pad_token"],
         )
+    template = chat.template_for(r.data, tokenizer, r.model.name) if r.data.is_chat else None
     with ctx.phase("check"):
         check_lora_targets(model, r.lora, r.model.name)
         max_len = r.model.max_seq_length
-        ds, fit = data.fit_to_length(ds, r.data, tokenizer, contract["eos_token"], max_len, lines)
+        if template is not None:  # conversations: token ids, and marks where the loss is on the answers only
+            ds, fit = chat.tokenized_dataset(
+                ds, r.data, tokenizer, template, contract["stop_token_ids"], max_len, lines
+            )
+        else:
+            ds, fit = data.fit_to_length(ds, r.data, tokenizer, contract["eos_token"], max_len, lines)
         log.info(
             "rows: %d to train of %d; %d longer than max_seq_length %d (dropped %d, prompt cut %d); longest %d tokens",
             fit["rows_trained"],
@@ -303,7 +309,12 @@ def fine_tune(ctx: StageContext) -> None:
             ctx.note(f"data.too_long drop: {fit['rows_dropped']} rows longer than {max_len} tokens not trained on")
         if fit["rows_prompt_cut"]:
             ctx.note(f"data.too_long cut_prompt: {fit['rows_prompt_cut']} rows had their prompt shortened")
-    prompts = [(r.prompt_for(p.instruction, p.input), p.max_new_tokens) for p in r.test_prompts]
+    if template is not None:  # the template writes any BOS itself
+        prompts = [(tokenizer.apply_chat_template(p.messages(), chat_template=template, tokenize=False,
+                                                  add_generation_prompt=True), p.max_new_tokens)
+                   for p in r.test_prompts]  # fmt: skip
+    else:
+        prompts = [(r.prompt_for(p.instruction, p.input), p.max_new_tokens) for p in r.test_prompts]
     stop_ids = contract["stop_token_ids"]
 
     def answer_test_prompts(when: str) -> list[dict[str, Any]]:
@@ -315,13 +326,21 @@ def fine_tune(ctx: StageContext) -> None:
 
                 FastLanguageModel.for_inference(model)
             model.eval()
-            return [{"stage": when, **g} for g in models.generate(model, tokenizer, prompts, stop_ids)]
+            answers = models.generate(model, tokenizer, prompts, stop_ids, add_special_tokens=template is None)
+            return [{"stage": when, **g} for g in answers]
 
     before = answer_test_prompts("before")
 
     with ctx.phase("prepare"):
         model = (_peft_unsloth if unsloth else _peft_hf)(ctx, model)
-        text_ds = data.format_alpaca(ds, r.data, contract["eos_token"])
+        # Conversations come tokenized (TRL takes input_ids and assistant_masks as they are); Alpaca rows as text,
+        # or as prompt and completion where the loss is on the response only (TRL's completion-only loss).
+        if template is not None:
+            train_ds = ds
+        elif r.data.loss_on == "assistant":
+            train_ds = data.format_prompt_completion(ds, r.data, contract["eos_token"])
+        else:
+            train_ds = data.format_alpaca(ds, r.data, contract["eos_token"])
         from trl import SFTConfig, SFTTrainer
 
         t = r.training
@@ -357,7 +376,7 @@ def fine_tune(ctx: StageContext) -> None:
         saver = checkpoints.store_checkpoints_callback(ctx.store, ctx.run, r)
         trainer_class = SFTTrainer if cuda or distributed.world_size() == 1 else _cpu_ddp_trainer(SFTTrainer)
         trainer = trainer_class(
-            model=model, processing_class=tokenizer, train_dataset=text_ds, args=args, callbacks=[saver]
+            model=model, processing_class=tokenizer, train_dataset=train_ds, args=args, callbacks=[saver]
         )
 
     with ctx.phase("resume"):
@@ -415,7 +434,12 @@ def fine_tune(ctx: StageContext) -> None:
         "after_stopped_at_eos": all(g["stopped_at_eos"] for g in after) if after else None,
         **fit,
     }
-    ctx.extra = {"contract": {**contract, "prompt_template": r.data.prompt_template, "base_model": base}}
+    trained_as = (
+        {"format": r.data.format, "chat_template": template, "train_on": r.data.loss_on}
+        if template is not None
+        else {"format": "alpaca", "prompt_template": r.data.prompt_template, "train_on": r.data.loss_on}
+    )
+    ctx.extra = {"contract": {**contract, **trained_as, "base_model": base}}
 
 
 def main(argv: list[str] | None = None) -> int:
