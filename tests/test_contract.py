@@ -123,3 +123,28 @@ def test_modelfile_renders_both_prompt_shapes_and_stops(contract):
     # str.format's {{{{ is a literal {{: text with braces goes to Go as a string literal (tests/hostile renders it)
     braces = {**contract, "prompt_template": "Q {{{{x}}}}: {instruction} {input}\nA: {output}"}
     assert '{{ "Q {{x}}: " }}{{ .Prompt }}' in modelfile("m.gguf", braces)
+
+
+def test_a_chat_run_keeps_the_template_it_trained_with_and_vllm_renders_what_training_saw(export, contract):
+    """A conversation run's contract carries its chat template (here the base model's own ChatML): the export keeps
+    it in both places a server or llama.cpp's converter reads, and transformers' rendering of a multi-turn
+    conversation, as vLLM's chat endpoint does it, equals the training render."""
+    from transformers import AutoTokenizer
+
+    base = (export / "chat_template.jinja").read_text(encoding="utf-8")
+    chat = {k: v for k, v in contract.items() if k != "prompt_template"}
+    chat.update(format="messages", chat_template=base, train_on="assistant")
+    cfg = json.loads((export / "tokenizer_config.json").read_text())
+    (export / "tokenizer_config.json").write_text(json.dumps({**cfg, "chat_template": "{{ 'stale' }}"}))
+    fixed = check_model_dir(export, chat)
+    assert not any(f.startswith("chat_template.jinja") for f in fixed), fixed  # already the trained template
+    assert json.loads((export / "tokenizer_config.json").read_text())["chat_template"] == base
+    talk = [{"role": "system", "content": "回答要简短。"}, {"role": "user", "content": "一加一"},
+            {"role": "assistant", "content": "二。"}, {"role": "user", "content": "再加一"}]  # fmt: skip
+    served = AutoTokenizer.from_pretrained(export).apply_chat_template(talk, tokenize=False, add_generation_prompt=True)
+    trained = AutoTokenizer.from_pretrained(export).apply_chat_template(
+        talk, chat_template=base, tokenize=False, add_generation_prompt=True
+    )
+    assert served == trained and served.endswith("<|im_start|>user\n再加一<|im_end|>\n<|im_start|>assistant\n")
+    with pytest.raises(ContractError, match="has no 'chat_template' in its contract"):
+        check_model_dir(export, {k: v for k, v in chat.items() if k != "chat_template"})

@@ -125,7 +125,9 @@ def check_model_dir(model_dir: Path, contract: dict[str, Any]) -> list[str]:
 
     Returns one line per file it rewrote; raises ContractError for what the manifest cannot decide. Works on a
     merged model (config.json present) and on a LoRA adapter directory (tokenizer files only)."""
-    for key in ("eos_token", "eos_token_id", "stop_token_ids", "pad_token_id", "prompt_template"):
+    chat = contract.get("format") in ("messages", "sharegpt")  # trained in a chat template, not the Alpaca prompt
+    for key in ("eos_token", "eos_token_id", "stop_token_ids", "pad_token_id",
+                "chat_template" if chat else "prompt_template"):  # fmt: skip
         if key not in contract:
             raise ContractError(f"the run's manifest has no '{key}' in its contract: re-run the train stage")
     eos, eos_id, stop_ids = (
@@ -161,20 +163,25 @@ def check_model_dir(model_dir: Path, contract: dict[str, Any]) -> list[str]:
         fixed.append(f"tokenizer_config.json: { {k: current(k) for k in changed} } -> {changed}")
         tok_cfg.update(changed)
 
-    template = chat_template(
-        contract["prompt_template"], _token_str(tok_cfg.get("bos_token")) if adds_bos(tok_json, tok_cfg) else None
-    )
+    if chat:  # the very template the conversations were rendered with
+        template, trained = str(contract["chat_template"]), "the chat template the run trained with"
+    else:
+        template = chat_template(
+            contract["prompt_template"], _token_str(tok_cfg.get("bos_token")) if adds_bos(tok_json, tok_cfg) else None
+        )
+        trained = "one that renders the training prompt"
     tpl_path = model_dir / CHAT_TEMPLATE_FILE
     existing = tpl_path.read_text(encoding="utf-8") if tpl_path.is_file() else tok_cfg.get("chat_template")
     if existing != template:
         _write(tpl_path, template)
         what = "replaced the base model's chat format" if existing else "written"
-        fixed.append(f"{CHAT_TEMPLATE_FILE}: {what} with one that renders the training prompt")
+        fixed.append(f"{CHAT_TEMPLATE_FILE}: {what} with {trained}")
+    # llama.cpp's converter reads tokenizer_config.json's chat_template before chat_template.jinja: keep them equal.
     stale_template = "chat_template" in tok_cfg and tok_cfg["chat_template"] != template
     if stale_template:
         tok_cfg["chat_template"] = template
         if not changed:
-            fixed.append("tokenizer_config.json: chat_template set to the training prompt")
+            fixed.append(f"tokenizer_config.json: chat_template set to {trained}")
     if changed or stale_template:
         _write_json(tok_cfg_path, tok_cfg)
 
