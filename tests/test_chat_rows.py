@@ -158,3 +158,21 @@ def test_a_local_file_is_checked_row_by_row_and_read_once(tmp_path: Path):
     csv.write_text("messages\nhello\n", encoding="utf-8")
     with pytest.raises(ConfigError, match="a CSV file holds text cells, not conversations; use JSON Lines"):
         peek_local_file(csv, s, "chat.csv")
+
+
+def test_a_chat_runs_modelfile_carries_its_go_template_or_refuses_in_one_line():
+    from tunectl.contract import ContractError
+    from tunectl.ollama import modelfile
+
+    go = "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    contract = {"format": "messages", "chat_template": "...", "stop_tokens": ["<|im_end|>"], "ollama_template": go}
+    text = modelfile("run.Q4_K_M.gguf", contract)
+    assert text == f'FROM ./run.Q4_K_M.gguf\nTEMPLATE """{go}"""\nPARAMETER stop "<|im_end|>"\n'
+    assert "SYSTEM" not in text  # a SYSTEM line would replace the template's own default system message
+    refused = {**contract, "ollama_template": None, "ollama_refusal": "it is not ChatML (...)"}
+    with pytest.raises(ContractError) as e:
+        modelfile("run.gguf", refused)
+    assert str(e.value) == (
+        "the run's chat template is not one tunectl can write for Ollama: it is not ChatML (...); its GGUF carries "
+        "the template for llama.cpp, and `tunectl pull --to vllm` serves it as trained"
+    )

@@ -4,6 +4,8 @@ tunectl's ChatML; templates whose marks could be wrong are refused."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from tunectl.errors import ConfigError
@@ -145,3 +147,84 @@ def test_alpaca_rows_with_the_loss_on_the_response_train_only_the_response_and_e
     trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ds, args=args)
     labels = trainer.data_collator([trainer.train_dataset[0]])["labels"][0].tolist()
     assert tok.decode([t for t in labels if t != -100]) == "等于二。<|im_end|>"
+
+
+GO_CHAT = """
+package main
+
+import (
+	"encoding/json"
+	"os"
+	"strings"
+	"text/template"
+)
+
+// Renders a Modelfile TEMPLATE over each case's Messages, as Ollama's engine executes it for /api/chat.
+func main() {
+	var in struct {
+		Template string
+		Cases    []map[string]any
+	}
+	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
+		panic(err)
+	}
+	t := template.Must(template.New("m").Parse(in.Template))
+	var out []string
+	for _, c := range in.Cases {
+		var b strings.Builder
+		if err := t.Execute(&b, c); err != nil {
+			panic(err)
+		}
+		out = append(out, b.String())
+	}
+	json.NewEncoder(os.Stdout).Encode(out)
+}
+"""
+
+
+@pytest.mark.parametrize("template", ["model", "chatml"])
+def test_the_ollama_template_renders_every_conversation_as_the_trained_template_does(tok, tmp_path, template):
+    """For the ChatML family (the tiny model's own template, with its default system message, and tunectl's), the
+    Go TEMPLATE and the Jinja template render the same text for multi-turn conversations with and without a
+    system message; Go's own text/template renders it."""
+    import shutil
+    import subprocess
+
+    from tunectl_jobs import chat
+
+    jinja = chat.template_for(load_recipe("ruozhiba-chat-tiny", [f"data.chat_template={template}"]).data, tok, "m")
+    go_template, why = chat.ollama_template(tok, jinja)
+    assert why is None and go_template is not None
+    talks = [
+        *chat._probes(),
+        [{"role": "system", "content": "回答要简短、有礼貌。"}, *TALK, {"role": "user", "content": "那再减三呢？"}],
+    ]
+    expected = [tok.apply_chat_template(t, chat_template=jinja, tokenize=False, add_generation_prompt=True)
+                for t in talks]  # fmt: skip
+    go = shutil.which("go")
+    assert go is not None, "Go renders the Modelfile TEMPLATE with Ollama's own template engine"
+    (tmp_path / "render.go").write_text(GO_CHAT, encoding="utf-8")
+    cases = [{"Messages": [{"Role": m["role"], "Content": m["content"]} for m in t]} for t in talks]
+    proc = subprocess.run([go, "run", "render.go"], input=json.dumps({"Template": go_template, "Cases": cases}),
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout) == expected
+
+
+def test_a_template_outside_the_chatml_family_gets_no_ollama_template_and_says_why(tok):
+    from tunectl_jobs import chat
+
+    llama3 = (
+        "{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n{{ m['content'] }}<|eot_id|>"
+        "{% endfor %}{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+    )
+    assert chat.ollama_template(tok, llama3) == (
+        None, "it is not ChatML (<|im_start|>ROLE ... <|im_end|>), the family tunectl writes for Ollama",
+    )  # fmt: skip
+    # ChatML that drops the system message: the start matches, a probe with a system message does not.
+    no_system = chat.CHATML.replace(
+        "{%- for message in messages -%}", "{%- for message in messages if message['role'] != 'system' -%}"
+    )
+    assert chat.ollama_template(tok, no_system)[1] == (
+        "it renders some conversations differently from ChatML (e.g. with a system message)"
+    )

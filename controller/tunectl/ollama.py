@@ -27,9 +27,20 @@ _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*(/[A-Za-z0-9][A-Za-z0-9._-]*)?(:
 
 
 def modelfile(gguf_name: str, contract: dict[str, Any]) -> str:
-    """TEMPLATE renders the training prompt (Go template syntax): the prompt is the instruction, or, when a
-    system message is given, the system message is the instruction and the prompt its input. One
-    `PARAMETER stop` per token that ends a turn."""
+    """TEMPLATE renders the training prompt (Go template syntax): for a chat run, the Go form of the chat template
+    it trained with, over .Messages (the train stage wrote it after checking both render alike); for an Alpaca run,
+    the prompt is the instruction, or, when a system message is given, the system message is the instruction and
+    the prompt its input. One `PARAMETER stop` per token that ends a turn."""
+    if contract.get("format") in ("messages", "sharegpt"):
+        if not contract.get("stop_tokens"):
+            raise ContractError("the run's manifest has no stop tokens: re-run its train stage")
+        if not contract.get("ollama_template"):
+            why = contract.get("ollama_refusal") or "the manifest has no Ollama template"
+            raise ContractError(
+                f"the run's chat template is not one tunectl can write for Ollama: {why}; its GGUF carries the "
+                "template for llama.cpp, and `tunectl pull --to vllm` serves it as trained"
+            )
+        return _modelfile(gguf_name, contract["ollama_template"], contract["stop_tokens"])
     if "prompt_template" not in contract or not contract.get("stop_tokens"):
         raise ContractError("the run's manifest has no prompt template or stop tokens: re-run its train stage")
 
@@ -46,10 +57,14 @@ def modelfile(gguf_name: str, contract: dict[str, Any]) -> str:
         + render_prompt(tpl, "{{ .Prompt }}", "", literal)
         + "{{ end }}"
     )
+    return _modelfile(gguf_name, template, contract["stop_tokens"])
+
+
+def _modelfile(gguf_name: str, template: str, stop_tokens: list[str]) -> str:
     if '"""' in template:
         raise ContractError('the prompt template contains """, which an Ollama Modelfile cannot quote')
     lines = [f"FROM ./{gguf_name}", f'TEMPLATE """{template}"""']
-    lines += [f"PARAMETER stop {json.dumps(tok, ensure_ascii=False)}" for tok in contract["stop_tokens"]]
+    lines += [f"PARAMETER stop {json.dumps(tok, ensure_ascii=False)}" for tok in stop_tokens]
     return "\n".join(lines) + "\n"
 
 

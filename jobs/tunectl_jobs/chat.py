@@ -13,6 +13,8 @@ most templates, SmolLM2's ChatML among them, do not have.
 
 from __future__ import annotations
 
+import json
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -126,3 +128,61 @@ def tokenized_dataset(
         rows = [r for i, r in enumerate(rows) if i not in dropped]
         counts.update(rows_dropped=len(over), rows_trained=len(rows))
     return datasets.Dataset.from_list(rows), counts
+
+
+# Conversations whose renderings a template must share with ChatML to be written as Ollama's ChatML: one to three
+# user turns, with and without a system message, and contents that would trip a renderer (braces, quotes, Go and
+# Jinja delimiters, newlines, CJK).
+_PROBE_TEXTS = ("一加一", 'say "{{ .Content }}" {% raw %}', "行一\n行二 }} {")
+
+
+def _probes() -> list[list[dict[str, str]]]:
+    a, b, c = _PROBE_TEXTS
+    sys = {"role": "system", "content": "回答要简短 {x}"}
+    talk = [{"role": "user", "content": a}, {"role": "assistant", "content": b}, {"role": "user", "content": c}]
+    return [talk[:1], [sys, *talk[:1]], talk, [sys, *talk]]
+
+
+def _chatml(messages: Sequence[dict[str, str]], default_system: str | None) -> str:
+    head = (
+        f"<|im_start|>system\n{default_system}<|im_end|>\n"
+        if default_system is not None and messages[0]["role"] != "system"
+        else ""
+    )
+    turns = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+    return head + turns + "<|im_start|>assistant\n"
+
+
+def ollama_template(tokenizer: Any, template: str) -> tuple[str | None, str | None]:
+    """The Modelfile TEMPLATE (Go) that renders what `template` renders, or (None, why not). Written for the ChatML
+    family (with or without a default system message), and only after the Jinja template rendered the probe
+    conversations exactly as ChatML does; Ollama puts every message, system ones included, in .Messages."""
+
+    def render(messages: list[dict[str, str]]) -> str:
+        return str(tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                                 add_generation_prompt=True))  # fmt: skip
+
+    mark = "\x01"
+    found = re.fullmatch(
+        r"(?:<\|im_start\|>system\n(.*?)<\|im_end\|>\n)?<\|im_start\|>user\n\x01<\|im_end\|>\n<\|im_start\|>assistant\n",
+        render([{"role": "user", "content": mark}]),
+        re.S,
+    )
+    if found is None:
+        return None, "it is not ChatML (<|im_start|>ROLE ... <|im_end|>), the family tunectl writes for Ollama"
+    default = found.group(1)
+    for messages in _probes():
+        if render(messages) != _chatml(messages, default):
+            return None, "it renders some conversations differently from ChatML (e.g. with a system message)"
+
+    def literal(text: str) -> str:  # Go string literal where the text holds braces (JSON escapes are Go's)
+        return "{{ " + json.dumps(text, ensure_ascii=False) + " }}" if "{" in text or "}" in text else text
+
+    turns = "{{ range .Messages }}<|im_start|>{{ .Role }}\n{{ .Content }}<|im_end|>\n{{ end }}<|im_start|>assistant\n"
+    if default is None:
+        return turns, None
+    head = (
+        '{{ if or (not .Messages) (ne (index .Messages 0).Role "system") }}'
+        f"<|im_start|>system\n{literal(default)}<|im_end|>\n{{{{ end }}}}"
+    )
+    return head + turns, None

@@ -434,11 +434,12 @@ def fine_tune(ctx: StageContext) -> None:
         "after_stopped_at_eos": all(g["stopped_at_eos"] for g in after) if after else None,
         **fit,
     }
-    trained_as = (
-        {"format": r.data.format, "chat_template": template, "train_on": r.data.loss_on}
-        if template is not None
-        else {"format": "alpaca", "prompt_template": r.data.prompt_template, "train_on": r.data.loss_on}
-    )
+    if template is not None:
+        go, why = chat.ollama_template(tokenizer, template)
+        trained_as = {"format": r.data.format, "chat_template": template, "train_on": r.data.loss_on,
+                      "ollama_template": go, **({"ollama_refusal": why} if why else {})}  # fmt: skip
+    else:
+        trained_as = {"format": "alpaca", "prompt_template": r.data.prompt_template, "train_on": r.data.loss_on}
     ctx.extra = {"contract": {**contract, **trained_as, "base_model": base}}
 
 
