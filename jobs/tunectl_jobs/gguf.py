@@ -55,6 +55,29 @@ def quantize(src: Path, dst: Path, qtype: str) -> None:
         raise TunectlError(str(e)) from None
 
 
+def check_chat_template(path: Path, template: str) -> None:
+    """The GGUF carries the chat template the run trained with (llama.cpp and Ollama's import read it there)."""
+    from gguf import GGUFReader
+
+    field = GGUFReader(str(path)).fields.get("tokenizer.chat_template")
+    carried = bytes(field.parts[field.data[0]]).decode("utf-8") if field is not None else None
+    if carried != template:
+        raise TunectlError(
+            f"{path.name} carries {'another chat template' if carried else 'no chat template'} than the one the run "
+            "trained with: the merge stage's tokenizer_config.json and chat_template.jinja disagree"
+        )
+
+
+def chat_prompt(model_dir: Path, template: str, prompt: Any) -> str:
+    """A chat run's smoke prompt: its first test prompt's messages (or the default question) rendered with the
+    trained template and the generation prompt, as a chat server would send it."""
+    from transformers import AutoTokenizer
+
+    messages = prompt.messages() if prompt is not None else [{"role": "user", "content": _SMOKE_DEFAULT[0]}]
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    return str(tok.apply_chat_template(messages, chat_template=template, tokenize=False, add_generation_prompt=True))
+
+
 def smoke_test(
     path: Path, prompt: str, max_tokens: int, contract: dict[str, Any], command: list[str] | None = None
 ) -> dict[str, Any]:
@@ -130,7 +153,12 @@ def gguf(ctx: StageContext) -> None:
     if r.test_prompts:
         p = r.test_prompts[0]
         instruction, inp, max_tokens = p.instruction, p.input, p.max_new_tokens
-    prompt = r.prompt_for(instruction, inp)
+    chat = contract.get("format") in ("messages", "sharegpt")
+    if chat:  # the conversation so far in the template the run trained with, which the GGUF must carry
+        check_chat_template(files[types[0]], contract["chat_template"])
+        prompt = chat_prompt(src, contract["chat_template"], r.test_prompts[0] if r.test_prompts else None)
+    else:
+        prompt = r.prompt_for(instruction, inp)
     smoke = []
     # One file after another, each with every CPU: on the GPU machine's 16 cores, quantizing (compute-bound) and
     # answering (memory-bound) side by side, the CPUs shared out, took longer than this (docs/gpu-benchmarks.md).
@@ -148,7 +176,11 @@ def gguf(ctx: StageContext) -> None:
             + (f" ({', '.join(answered)} answered)" if answered else "")
             + ": a GGUF that cannot be run is a failed export"
         )
-    (ctx.out / "Modelfile").write_text(ollama.modelfile(files[types[0]].name, contract))
+    if chat and not contract.get("ollama_template"):
+        ctx.note(f"no Modelfile: the run's chat template is not one tunectl can write for Ollama "
+                 f"({contract.get('ollama_refusal')})")  # fmt: skip
+    else:
+        (ctx.out / "Modelfile").write_text(ollama.modelfile(files[types[0]].name, contract))
     ctx.metrics = {
         "types": types,
         "sizes_mib": {t: round(files[t].stat().st_size / 2**20, 1) for t in types},
