@@ -106,22 +106,32 @@ def create(exe: str, name: str, modelfile_path: Path, url: str) -> None:
 
 
 def generate(
-    url: str, name: str, instruction: str, input: str, max_tokens: int, timeout: float = 300
+    url: str,
+    name: str,
+    instruction: str,
+    input: str,
+    max_tokens: int,
+    timeout: float = 300,
+    messages: list[dict[str, str]] | None = None,
 ) -> dict[str, Any]:
-    """One greedy generation through /api/generate (the Modelfile's TEMPLATE applies: an input goes as the
-    prompt with the instruction as system message)."""
-    body = {
-        "model": name,
-        **({"system": instruction, "prompt": input} if input else {"prompt": instruction}),
-        "stream": False,
-        "options": {"temperature": 0, "top_k": 1, "repeat_penalty": 1.0, "seed": 0, "num_predict": max_tokens},
-    }
+    """One greedy generation (the Modelfile's TEMPLATE applies): for a chat run, `messages` through /api/chat; else
+    through /api/generate, an input as the prompt with the instruction as system message. The reply as
+    /api/generate gives it (`response`, `done_reason`, `eval_count`)."""
+    options = {"temperature": 0, "top_k": 1, "repeat_penalty": 1.0, "seed": 0, "num_predict": max_tokens}
+    if messages is not None:
+        endpoint, body = "chat", {"model": name, "messages": messages, "stream": False, "options": options}
+    else:
+        prompt = {"system": instruction, "prompt": input} if input else {"prompt": instruction}
+        endpoint, body = "generate", {"model": name, **prompt, "stream": False, "options": options}
     req = urllib.request.Request(
-        f"{url}/api/generate", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+        f"{url}/api/{endpoint}", data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
     )
     try:
         with urllib.request.urlopen(req, timeout=timeout) as resp:
-            return json.loads(resp.read())
+            out = dict(json.loads(resp.read()))
+            if messages is not None:
+                out["response"] = (out.get("message") or {}).get("content", "")
+            return out
     except urllib.error.HTTPError as e:
         detail = e.read().decode(errors="replace")[:300]
         raise TunectlError(redact(f"Ollama at {url} answered {e.code} for {name}: {detail}")) from None
@@ -130,9 +140,11 @@ def generate(
         raise TunectlError(redact(f"cannot reach Ollama at {url} ({reason}): start it or pass --ollama-host")) from None
 
 
-def verify(url: str, name: str, instruction: str, input: str, max_tokens: int) -> dict[str, Any]:
+def verify(
+    url: str, name: str, instruction: str, input: str, max_tokens: int, messages: list[dict[str, str]] | None = None
+) -> dict[str, Any]:
     """The created model must answer and stop at a stop token before `max_tokens`."""
-    out = generate(url, name, instruction, input, max_tokens)
+    out = generate(url, name, instruction, input, max_tokens, messages=messages)
     answer = out.get("response", "")
     if out.get("done_reason") != "stop" or not answer.strip():
         raise TunectlError(

@@ -158,7 +158,11 @@ def to_ollama(
     ollama.create(exe, name, path, url)
     instruction = entry.get("instruction") or EXAMPLE_PROMPT
     inp = entry.get("input", "")
-    out = ollama.verify(url, name, instruction, inp, int(entry.get("max_tokens") or 128))
+    messages = None
+    if manifest["contract"].get("format") in ("messages", "sharegpt"):  # the smoke test's conversation, via /api/chat
+        system = [{"role": "system", "content": entry["system"]}] if entry.get("system") else []
+        messages = [*system, {"role": "user", "content": instruction}]
+    out = ollama.verify(url, name, instruction, inp, int(entry.get("max_tokens") or 128), messages=messages)
     result.update(created=True, asked=" / ".join(filter(None, (instruction, inp))), answer=out["response"])
     result["tokens"] = out.get("eval_count")
     if "answer" in entry:

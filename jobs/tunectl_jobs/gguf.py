@@ -166,7 +166,10 @@ def gguf(ctx: StageContext) -> None:
         # Each file in its own child: one that crashes is named, and the others are still tested.
         for t in types if r.export.smoke_test != "off" else []:
             result = smoke_test(files[t], prompt, max_tokens, contract, command=SMOKE_COMMAND)
-            smoke.append({"type": t, "check": r.export.smoke_test, "instruction": instruction, "input": inp, **result})
+            asked = {"instruction": instruction, "input": inp}
+            if chat and r.test_prompts and r.test_prompts[0].system:
+                asked["system"] = r.test_prompts[0].system
+            smoke.append({"type": t, "check": r.export.smoke_test, **asked, **result})
     (ctx.out / "smoke.json").write_text(json.dumps(smoke, indent=1, ensure_ascii=False) + "\n")
     crashed = [s for s in smoke if "error" in s]
     if crashed:
