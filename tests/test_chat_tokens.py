@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from tunectl.errors import ConfigError
+from tunectl.errors import ConfigError, TunectlError
 from tunectl.recipe import load_recipe
 
 pytestmark = pytest.mark.ml
@@ -110,7 +110,7 @@ def test_trl_turns_the_marks_into_labels_so_only_the_answers_train(tok, tmp_path
     from transformers import AutoModelForCausalLM
     from trl import SFTConfig, SFTTrainer
 
-    from tunectl_jobs import chat
+    from tunectl_jobs import chat, train
     from tunectl_jobs.models import base_model_path
 
     ds, _ = chat.tokenized_dataset(datasets.Dataset.from_list([{"messages": TALK}]), RECIPE.data, tok,
@@ -122,6 +122,24 @@ def test_trl_turns_the_marks_into_labels_so_only_the_answers_train(tok, tmp_path
     labels = batch["labels"][0].tolist()
     assert tok.decode([t for t in labels if t != -100]) == "等于二。<|im_end|>三。<|im_end|>"
     assert batch["input_ids"][0].tolist() == ds[0]["input_ids"]
+    # the train stage's own check of the trainer it built, and what it says of one that drops the marks
+    answers = len(tok("等于二。<|im_end|>三。<|im_end|>")["input_ids"])
+    total = len(ds[0]["input_ids"])
+    assert train.check_loss_tokens(trainer, "assistant", ds) == {
+        "loss_tokens_checked": answers,
+        "tokens_checked": total,
+    }
+    collate = trainer.data_collator
+    trainer.data_collator = lambda rows: {**collate(rows), "labels": collate(rows)["input_ids"]}
+    with pytest.raises(TunectlError) as e:
+        train.check_loss_tokens(trainer, "assistant", ds)
+    assert str(e.value) == (
+        f"the trainer would put the loss on {total} of the {total} tokens of its first 1 rows, not on the {answers} "
+        "that data.train_on assistant marks: SFTTrainer does not keep TRL's masking"
+    )
+    trainer.train_dataset = trainer.train_dataset.remove_columns("labels")
+    with pytest.raises(TunectlError, match="lost the marks of what trains: it would train on every token"):
+        train.check_loss_tokens(trainer, "assistant", ds)
 
 
 def test_alpaca_rows_with_the_loss_on_the_response_train_only_the_response_and_eos(tmp_path):
@@ -130,7 +148,7 @@ def test_alpaca_rows_with_the_loss_on_the_response_train_only_the_response_and_e
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
-    from tunectl_jobs import data
+    from tunectl_jobs import data, train
     from tunectl_jobs.models import base_model_path
 
     recipe = load_recipe("ruozhiba-tiny", ["data.train_on=assistant"])
@@ -147,6 +165,9 @@ def test_alpaca_rows_with_the_loss_on_the_response_train_only_the_response_and_e
     trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ds, args=args)
     labels = trainer.data_collator([trainer.train_dataset[0]])["labels"][0].tolist()
     assert tok.decode([t for t in labels if t != -100]) == "等于二。<|im_end|>"
+    assert train.check_loss_tokens(trainer, "assistant", ds)["loss_tokens_checked"] == len(
+        tok("等于二。<|im_end|>")["input_ids"]
+    )
 
 
 GO_CHAT = """

@@ -29,6 +29,26 @@ def test_recipes_lists_and_shows_resolved(tunectl):
     )
 
 
+def test_recipes_show_gives_a_chat_recipe_its_own_fields_and_reads_back_as_the_same_recipe(tunectl, tmp_path):
+    from tunectl.recipe import load_recipe, recipe_from_file
+
+    shown_text = tunectl("recipes", "show", "ruozhiba-chat-tiny", check=True).stdout
+    data = yaml.safe_load(shown_text)["data"]
+    assert {"prompt_template", "columns", "add_eos"}.isdisjoint(data)
+    assert data["conversation"] == {"column": "messages", "role_key": "role", "content_key": "content", "roles": {}}
+    assert data["train_on"] == "assistant" and data["chat_template"] == "model"
+    shown = tmp_path / "shown.yaml"
+    shown.write_text(shown_text)
+    assert recipe_from_file(shown).to_yaml() == load_recipe("ruozhiba-chat-tiny").to_yaml().replace(
+        "train_on: null", "train_on: assistant"
+    ).replace("column: ''", "column: messages").replace("role_key: ''", "role_key: role").replace(
+        "content_key: ''", "content_key: content"
+    )
+    alpaca = yaml.safe_load(tunectl("recipes", "show", "ruozhiba", check=True).stdout)
+    assert "conversation" not in alpaca["data"] and "chat_template" not in alpaca["data"]
+    assert alpaca["data"]["train_on"] == "all" and all("system" not in p for p in alpaca["test_prompts"])
+
+
 def test_local_backend_refuses_several_nodes(tunectl, store):
     proc = tunectl("submit", "ruozhiba-tiny", "--backend", "local", "--set", "training.nnodes=2")
     assert proc.returncode == 78 and proc.stderr.strip() == (

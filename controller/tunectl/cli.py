@@ -230,7 +230,7 @@ def recipes_show(recipe: str, overrides: tuple[str, ...]) -> None:
     """Print RECIPE (a built-in name or a YAML file) with defaults and overrides resolved."""
     r = load_recipe(recipe, list(overrides))
     t = r.training
-    click.echo(r.to_yaml(), nl=False)
+    click.echo(r.show_yaml(), nl=False)
     click.echo(
         f"# rows per optimizer step: per-device batch {t.per_device_train_batch_size} x gradient accumulation "
         f"{t.gradient_accumulation_steps} x processes {t.world_size} = {t.effective_batch_size}"

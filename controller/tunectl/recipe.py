@@ -362,7 +362,31 @@ class Recipe(_Strict):
         return self.data.prompt_template.format(instruction=instruction, input=input, output="")
 
     def to_yaml(self) -> str:
-        return yaml.dump(self.model_dump(mode="json"), Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=110)
+        return _dump(self.model_dump(mode="json"))
+
+    def show_yaml(self) -> str:
+        """The recipe as a person reads it: the data format's defaults filled in and the other format's settings
+        left out (to_yaml keeps every field: it is what a run records and checksums)."""
+        doc = self.model_dump(mode="json")
+        data = doc["data"]
+        data["train_on"] = self.data.loss_on
+        if self.data.is_chat:
+            for key in ("prompt_template", "columns", "add_eos"):
+                del data[key]
+            t = self.data.turns
+            renamed = {name: role for name, role in t.roles.items() if name != role}
+            data["conversation"] = {"column": t.column, "role_key": t.role_key, "content_key": t.content_key,
+                                    "roles": renamed}  # fmt: skip
+        else:
+            del data["conversation"], data["chat_template"]
+        unused = "input" if self.data.is_chat else "system"
+        for prompt in doc["test_prompts"]:
+            del prompt[unused]
+        return _dump(doc)
+
+
+def _dump(doc: dict[str, Any]) -> str:
+    return yaml.dump(doc, Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=110)
 
 
 class _Dumper(yaml.SafeDumper):

@@ -21,7 +21,7 @@ import sys
 from typing import Any
 
 from tunectl import checkpoints as store_checkpoints
-from tunectl.errors import ConfigError, Preempted
+from tunectl.errors import ConfigError, Preempted, TunectlError
 from tunectl.recipe import LoraSpec, Recipe
 
 from . import chat, checkpoints, data, distributed, models
@@ -235,6 +235,38 @@ def _ddp_args(cuda: bool) -> dict[str, Any]:
     return {"ddp_backend": "nccl" if cuda else "gloo", "ddp_find_unused_parameters": False, "use_cpu": not cuda}
 
 
+def check_loss_tokens(trainer: Any, loss_on: str, source: Any = None, rows: int = 8) -> dict[str, int]:
+    """The tokens the trainer's own collator gives the loss in its first rows must be the ones the recipe asks for:
+    every token for `all`; for `assistant`, the answers marked in `source` (assistant_masks), which TRL turns into
+    the labels of its processed rows, or the response (completion_mask). This is what catches a trainer (Unsloth
+    patches TRL's) that drops the marks and trains on the prompts."""
+    ds = trainer.train_dataset
+    batch = [ds[i] for i in range(min(rows, len(ds)))]
+    if not batch:
+        return {}
+    got = int((trainer.data_collator(batch)["labels"] != -100).sum())
+    total = sum(len(row["input_ids"]) for row in batch)
+    want = total
+    if loss_on == "assistant":
+        key = next((k for k in ("labels", "assistant_masks", "completion_mask") if k in batch[0]), None)
+        if key is None:
+            raise TunectlError("the trainer's data set lost the marks of what trains: it would train on every token")
+        want = sum(sum(x != -100 for x in row[key]) if key == "labels" else sum(row[key]) for row in batch)
+        if source is not None and "assistant_masks" in source.column_names:
+            marked = sum(sum(m) for m in source[: len(batch)]["assistant_masks"])
+            if marked != want:
+                raise TunectlError(
+                    f"the trainer's data set marks {want} tokens of its first {len(batch)} rows for the loss where "
+                    f"the conversations' assistant turns have {marked}: it changed the rows"
+                )
+    if got != want:
+        raise TunectlError(
+            f"the trainer would put the loss on {got} of the {total} tokens of its first {len(batch)} rows, not on "
+            f"the {want} that data.train_on {loss_on} marks: {type(trainer).__name__} does not keep TRL's masking"
+        )
+    return {"loss_tokens_checked": got, "tokens_checked": total}
+
+
 def _stopped(signum: int, frame: Any) -> None:
     raise Preempted("stopped by SIGTERM outside a training step: a retry resumes from the newest checkpoint")
 
@@ -378,6 +410,12 @@ def fine_tune(ctx: StageContext) -> None:
         trainer = trainer_class(
             model=model, processing_class=tokenizer, train_dataset=train_ds, args=args, callbacks=[saver]
         )
+        loss_tokens = {} if t.packing else check_loss_tokens(trainer, r.data.loss_on, train_ds)
+        if loss_tokens:
+            log.info(
+                "loss on %d of %d tokens in the first rows (data.train_on %s)",
+                loss_tokens["loss_tokens_checked"], loss_tokens["tokens_checked"], r.data.loss_on,
+            )  # fmt: skip
 
     with ctx.phase("resume"):
         # A retry or `tunectl resume`: the newest complete checkpoint of this run, if any (same recipe only).
@@ -433,6 +471,7 @@ def fine_tune(ctx: StageContext) -> None:
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "after_stopped_at_eos": all(g["stopped_at_eos"] for g in after) if after else None,
         **fit,
+        **loss_tokens,
     }
     if template is not None:
         go, why = chat.ollama_template(tokenizer, template)

@@ -5,7 +5,11 @@ tokenizer) is built there with random weights, saved in bf16, and then loaded by
 the reference recipe loads its base: 4-bit, LoRA r=16 on all seven projections, adamw_8bit. The stages
 are the same programs and recipe schema the containers use.
 
-    python tests/gpu/unsloth_stages.py --shape-from DIR --steps 5 --out OUTDIR
+    python tests/gpu/unsloth_stages.py --shape-from DIR --steps 5 --out OUTDIR [--chat]
+
+--chat trains on the bundled conversations (data.format messages) in the shape's own chat template with the loss
+on the assistant's turns: the train stage checks that Unsloth's trainer keeps TRL's masking and records how many
+tokens of its first rows carry the loss (`loss_tokens_checked`, the same count as on a CPU with transformers).
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 SAMPLE = REPO / "controller/tunectl/recipes/data/ruozhiba-sample.jsonl"
+CHAT_SAMPLE = REPO / "controller/tunectl/recipes/data/ruozhiba-chat-sample.jsonl"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 
@@ -47,6 +52,7 @@ def main() -> int:
     ap.add_argument("--work", type=Path, default=Path("/tmp/tunectl-gpu"))
     ap.add_argument("--out", type=Path, required=True)
     ap.add_argument("--stages", default="train,merge")
+    ap.add_argument("--chat", action="store_true", help="conversations, loss on the assistant's turns")
     args = ap.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -56,20 +62,22 @@ def main() -> int:
     t0 = time.time()
     base = build_random_llama(args.shape_from, args.work / "base")
     print(f"random-initialised model from {args.shape_from} in {time.time() - t0:.1f}s", flush=True)
+    chat = ["data.format=messages", "test_prompts=[{instruction: 鱼在水里会不会口渴？}]"] if args.chat else []
     recipe = load_recipe(
         "ruozhiba",
         [
             f"model.name={base}",
             "model.max_seq_length=512",
-            f"data.source={SAMPLE}",
+            f"data.source={CHAT_SAMPLE if args.chat else SAMPLE}",
             f"training.max_steps={args.steps}",
             "export.gguf=[]",
             "export.merged_4bit=true",
+            *chat,
         ],
     )
     recipe_file = args.work / "recipe.yaml"
     recipe_file.write_text(recipe.to_yaml())
-    store, run = args.work / "store", "gpu-unsloth"
+    store, run = args.work / "store", "gpu-unsloth-chat" if args.chat else "gpu-unsloth"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     summary = {}
     for stage in args.stages.split(","):
