@@ -9,7 +9,8 @@ are the same programs and recipe schema the containers use.
 
 --chat trains on the bundled conversations (data.format messages) in the shape's own chat template with the loss
 on the assistant's turns: the train stage checks that Unsloth's trainer keeps TRL's masking and records how many
-tokens of its first rows carry the loss (`loss_tokens_checked`, the same count as on a CPU with transformers).
+tokens of its first rows carry the loss (`loss_tokens_checked`, the same count as on a CPU with transformers),
+and 6 conversations are held out and measured before and after training.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ def main() -> int:
     t0 = time.time()
     base = build_random_llama(args.shape_from, args.work / "base")
     print(f"random-initialised model from {args.shape_from} in {time.time() - t0:.1f}s", flush=True)
-    chat = ["data.format=messages", "test_prompts=[{instruction: 鱼在水里会不会口渴？}]"] if args.chat else []
+    chat = ["data.format=messages", "data.eval_rows=6", "test_prompts=[{instruction: 鱼在水里会不会口渴？}]"]
+    chat = chat if args.chat else []
     recipe = load_recipe(
         "ruozhiba",
         [
