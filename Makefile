@@ -122,7 +122,7 @@ demo: setup
 #   test-fast  needs no Go tool, no Docker, no torch and no training: the light venv, a minute or two
 #   test-slow  everything else: the ML venv, MinIO, the control plane, kwok, Helm, Ollama, Docker (`make -j3
 #              test-slow` builds the venv and the Go tools side by side)
-SLOW_MARKS := helm or minio or cluster or node or docker or ollama or ml or train or gpu or e2e
+SLOW_MARKS := helm or minio or cluster or node or docker or ollama or browser or ml or train or gpu or e2e
 # TUNECTL_TOOLS: the tests find the Go tools where this Makefile put them, even with TOOLS overridden.
 TEST_ENV   := TUNECTL_CACHE=$(CACHE) TUNECTL_TOOLS=$(TOOLS) TUNECTL_HELM=$(HELM)
 PYTEST_ARGS ?=

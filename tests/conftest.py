@@ -19,7 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 # checked here: no CI machine has a GPU (test_gpu_unsloth.py skips by itself), and e2e needs what `ml` needs.
 CI = os.environ.get("TUNECTL_CI") == "1"
 ML_MODULES = ("torch", "transformers", "datasets", "peft", "trl", "llama_cpp")
-NEEDS = ("helm", "minio", "cluster", "node", "docker", "ollama", "ml", "train", "e2e")
+NEEDS = ("helm", "minio", "cluster", "node", "docker", "ollama", "browser", "ml", "train", "e2e")
 # Fixtures that start a tool mark the tests that use them, so a new test is placed in its tier by what it uses.
 FIXTURE_MARKS = {
     "minio": "minio",
@@ -65,10 +65,20 @@ def missing(need: str) -> str | None:
         from ollama_server import ollama_binary
 
         return None if ollama_binary() else "no Ollama: `make test-slow` builds it (tests/ollama/build.sh)"
+    if need == "browser":  # Debian's chromium, driven by Playwright (the ML venv has it)
+        exe = chromium()
+        if exe is None:
+            return "no Chromium (/usr/bin/chromium or TUNECTL_CHROMIUM): .ci/docker-up installs Debian's chromium"
+        return None if importlib.util.find_spec("playwright") else "no playwright in this venv: `make setup`"
     if need in ("ml", "train", "e2e"):
         absent = [m for m in ML_MODULES if importlib.util.find_spec(m) is None]
         return f"no {', '.join(absent)} in this venv: the ML venv (`make setup`) has them" if absent else None
     raise ValueError(f"unknown need {need!r}")
+
+
+def chromium() -> str | None:
+    exe = os.environ.get("TUNECTL_CHROMIUM") or shutil.which("chromium") or "/usr/bin/chromium"
+    return exe if os.access(exe, os.X_OK) else None
 
 
 def requires(*needs: str) -> None:

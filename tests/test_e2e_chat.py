@@ -110,6 +110,10 @@ def test_the_chat_run_trains_on_answers_and_its_gguf_carries_the_trained_templat
     assert {(e["type"], e["prompt_tokens"], e["finish_reason"]) for e in smoke} == {
         (q, len(ids), "stop") for q in ("q4_k_m", "q8_0", "f16")
     }
+    # No rows held out: each GGUF's fidelity is measured on the first training conversations' answers.
+    fidelity = json.loads((gguf_dir / "gguf" / "manifest.json").read_text())["metrics"]["fidelity"]
+    assert fidelity["source"] == "training" and fidelity["types"]["f16"]["kld"] == 0.0
+    assert fidelity["types"]["q4_k_m"]["kld"] > fidelity["types"]["q8_0"]["kld"] > 0
 
 
 def _chat(url: str, name: str, messages: list[dict[str, str]]) -> dict[str, Any]:

@@ -120,6 +120,97 @@ def test_every_stage_wrote_a_verified_manifest(finished_run):
     assert modelfile.startswith("FROM ./ruozhiba-tiny-q4_k_m.gguf\n") and 'PARAMETER stop "<|im_end|>"' in modelfile
 
 
+def test_held_out_rows_are_measured_in_training_and_each_gguf_against_f16(finished_run):
+    """The tiny recipe holds 8 rows out: training lowers their perplexity; llama.cpp measures each GGUF on the same
+    tokens, the f16 file against a second pass of itself (KL divergence 0: the method adds nothing of its own), and
+    quantizing to fewer bits moves the model further from it."""
+    pulled = finished_run.tmp / "measured"
+    finished_run.tunectl("pull", finished_run.run, "--stage", "train", "--to", str(pulled))
+    finished_run.tunectl("pull", finished_run.run, "--stage", "gguf", "--quant", "f16", "--to", str(pulled))
+    train = _verified(pulled / "train")
+    m = train["metrics"]
+    recipe = load_recipe("ruozhiba-tiny")
+    assert m["eval_rows"] == recipe.data.eval_rows and m["rows_trained"] == 72 - recipe.data.eval_rows
+    assert m["eval_perplexity_after"] < m["eval_perplexity_before"]
+    history = json.loads((pulled / "train" / "eval.json").read_text())["history"]
+    assert [e["step"] for e in history] == [0, 10, 20, 30, 40]  # before, every training.eval_steps, after
+    assert history[0]["perplexity"] == m["eval_perplexity_before"] and history[-1]["loss"] == m["eval_loss_after"]
+    rows = json.loads((pulled / "train" / "heldout.json").read_text())
+    assert rows["source"] == "held-out" and len(rows["rows"]) == recipe.data.eval_rows
+    assert sum(sum(r["loss_on"][1:]) for r in rows["rows"]) == m["eval_tokens"]
+
+    fidelity = json.loads((pulled / "gguf" / "manifest.json").read_text())["metrics"]["fidelity"]
+    assert (fidelity["reference"], fidelity["source"]) == ("f16", "held-out")
+    f = fidelity["types"]
+    assert all(f[t]["tokens"] == m["eval_tokens"] for t in ("f16", "q8_0", "q4_k_m")), f
+    assert (f["f16"]["kld"], f["f16"]["top1"]) == (0.0, 1.0)
+    assert f["q4_k_m"]["kld"] > f["q8_0"]["kld"] > 0
+    assert f["q4_k_m"]["top1"] < f["q8_0"]["top1"] < 1
+    assert f["q4_k_m"]["perplexity"] > f["f16"]["perplexity"]
+    # the f16 GGUF scores the held-out rows as the trained model did in PyTorch (bf16 weights, another engine)
+    assert f["f16"]["perplexity"] == pytest.approx(m["eval_perplexity_after"], rel=0.02)
+
+
+@pytest.mark.browser
+def test_the_report_page_renders_in_chromium_with_the_manifests_figures(finished_run):
+    """`tunectl report` writes one page; Chromium (headless, no network) opens it without a console message, and
+    the loss chart, the answers and the GGUF table in its DOM carry the manifests' numbers. The screenshot is kept
+    (TUNECTL_TEST_ARTIFACTS, default test-artifacts/ in the repository)."""
+    from conftest import REPO, chromium
+    from playwright.sync_api import sync_playwright
+
+    run = finished_run.run
+    page_file = finished_run.tmp / "report.html"
+    out = finished_run.tunectl("report", run, "--output", str(page_file), "--gpu-hour-price", "2.5").stdout
+    assert out.strip() == f"report: {page_file}"
+    doc = json.loads(finished_run.tunectl("report", run, "-o", "json", "--gpu-hour-price", "2.5").stdout)
+    status = json.loads(finished_run.tunectl("status", run, "-o", "json").stdout)
+    assert [s["seconds"] for s in doc["stages"]] == [s["seconds"] for s in status["stages"]]
+    train = status["stages"][0]["metrics"]
+    assert doc["training"]["final_loss"] == train["final_loss"] and len(doc["training"]["losses"]) == train["steps"]
+    assert doc["gpu"] == {"device": "cpu", "gpu_hours": 0.0, "price_per_gpu_hour": 2.5, "estimated_cost": 0.0,
+                          "peak_memory_gib": None}  # fmt: skip
+    html = page_file.read_text()
+    assert "<script" not in html and "http://" not in html and "https://" not in html
+
+    artifacts = Path(os.environ.get("TUNECTL_TEST_ARTIFACTS") or REPO / "test-artifacts")
+    artifacts.mkdir(parents=True, exist_ok=True)
+    shot = artifacts / f"report-{'minio' if finished_run.store.startswith('s3://') else 'dir'}.png"
+    flags = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+             "--disable-sync", "--no-first-run"]  # fmt: skip
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium(), args=flags)
+        try:
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            messages: list[str] = []
+            page.on("console", lambda m: messages.append(f"{m.type}: {m.text}"))
+            page.on("pageerror", lambda e: messages.append(f"page error: {e}"))
+            page.on("request", lambda r: None if r.url.startswith("file:") else messages.append(f"fetch: {r.url}"))
+            page.goto(page_file.as_uri())
+            assert page.text_content("#state") == "succeeded"
+            training = page.locator('#loss-chart polyline[data-series="training"]').get_attribute("points")
+            assert len(training.split()) == train["steps"]
+            held_out = page.locator('#loss-chart polyline[data-series="held-out"]').get_attribute("points")
+            assert len(held_out.split()) == 5
+            table = page.locator("#gguf-table tbody tr")
+            assert table.count() == 3
+            cells = {table.nth(i).locator("td").nth(0).inner_text(): table.nth(i).locator("td").all_inner_texts()
+                     for i in range(3)}  # fmt: skip
+            for q in doc["gguf"]:
+                row = cells[q["type"]]
+                assert row[1] == f"{q['size_mib']:.5g}" and q["smoke_answer"].strip()[:10] in row[2]
+                assert row[4] == f"{q['kld']:.3g}" and row[6] == f"{100 * q['top1']:.1f}%"
+            answers = page.locator("#answers tbody tr")
+            assert answers.count() == len(load_recipe("ruozhiba-tiny").test_prompts)
+            assert "海绵宝宝" in answers.nth(0).inner_text()
+            assert page.locator("#stages tbody tr").count() == 3
+            page.screenshot(path=str(shot), full_page=True)
+            assert messages == []
+        finally:
+            browser.close()
+    assert shot.stat().st_size > 50_000  # a full page with three charts and four tables, not a blank one
+
+
 def test_pulled_q4_k_m_answers_the_chinese_prompt_and_stops(finished_run):
     from tunectl_jobs import llamarun
 

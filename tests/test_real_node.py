@@ -134,7 +134,7 @@ def test_pipeline_runs_on_a_real_node(kube, request):
 
     # The followed log arrived while train ran and ended by itself with the container.
     assert follower is not None and follower.wait(timeout=60) == 0, follower and follower.proc.stderr.read()
-    assert "INFO published 9 files to s3://" in follower.text
+    assert "INFO published 11 files to s3://" in follower.text
     assert train_done_at is not None and follower.lines[0][0] < train_done_at
 
     gguf = open_store(kube.store).manifest(run, "gguf")
@@ -148,11 +148,18 @@ def test_pipeline_runs_on_a_real_node(kube, request):
     dest = kube.workdir / "pulled"
     kube.cli("pull", run, "--stage", "gguf", "--quant", "q4_k_m", "--to", str(dest), timeout=300)
     assert any(p.suffix == ".gguf" for p in dest.rglob("*"))
+    # The report reads a Kubernetes run as it reads a local one: the backend's status, the store's manifests.
+    report = json.loads(kube.cli("report", run, "-o", "json").stdout)
+    assert (report["backend"], report["state"]) == ("kubernetes", "succeeded")
+    assert [s["stage"] for s in report["stages"]] == ["train", "merge", "gguf"]
+    assert len(report["training"]["losses"]) == report["training"]["steps"] and report["training"]["eval"]
+    assert {q["type"]: q["kld"] for q in report["gguf"]}["f16"] == 0.0
 
     # The gguf image needs no network at all: merge's output in a directory store, converted offline.
     images = request.getfixturevalue("images")
     offline = kube.workdir / "offline-store"
-    kube.cli("pull", run, "--stage", "merge", "--to", str(offline / "runs" / run), timeout=300)
+    for stage in ("train", "merge"):  # train's too: its held-out rows are what the fidelity is measured on
+        kube.cli("pull", run, "--stage", stage, "--to", str(offline / "runs" / run), timeout=300)
     cm = kube.backend().cluster.core.read_namespaced_config_map(f"{run}-recipe", kube.namespace)
     recipe_dir = kube.workdir / "offline-recipe"
     recipe_dir.mkdir()
@@ -170,6 +177,7 @@ def test_pipeline_runs_on_a_real_node(kube, request):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     manifest = json.loads((offline / "runs" / run / "gguf" / "manifest.json").read_text())
     assert {v["finish_reason"] for v in manifest["metrics"]["smoke"].values()} == {"stop"}
+    assert manifest["metrics"]["fidelity"]["types"]["f16"]["kld"] == 0.0
 
 
 def _phase(kube: Kube, pod: Any) -> str:

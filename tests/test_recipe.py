@@ -48,8 +48,15 @@ def test_tiny_variant_inherits_everything_but_model_data_and_length():
     assert tiny.lora.model_dump(exclude={"use_gradient_checkpointing"}) == ref.lora.model_dump(
         exclude={"use_gradient_checkpointing"}
     )
-    assert tiny.training.model_dump(exclude={"max_steps", "learning_rate"}) == ref.training.model_dump(
-        exclude={"max_steps", "learning_rate"}
+    assert tiny.training.model_dump(exclude={"max_steps", "learning_rate", "eval_steps"}) == ref.training.model_dump(
+        exclude={"max_steps", "learning_rate", "eval_steps"}
+    )
+    # it holds 8 rows out and measures them every 10 steps; the reference trains on every row, as it always has
+    assert (tiny.data.eval_rows, tiny.training.eval_steps, ref.data.eval_rows, ref.training.eval_steps) == (
+        8,
+        10,
+        None,
+        None,
     )
     assert tiny.export == ref.export and tiny.test_prompts == ref.test_prompts
     assert set(builtin_names()) >= {"ruozhiba", "ruozhiba-tiny"}

@@ -477,6 +477,44 @@ def status(ctx: click.Context, run: str, output: str) -> None:
 
 @cli.command()
 @click.argument("run", callback=_run_id)
+@shared("store", "backend", "context", "namespace")
+@click.option(
+    "--output", "-o", default=None, metavar="FILE|json",
+    help="where the HTML page goes [default: ./RUN.html]; json: the same content on stdout; - : the page on stdout",
+)  # fmt: skip
+@click.option("--open", "open_page", is_flag=True, help="open the page in a browser")
+@click.option(
+    "--gpu-hour-price", type=click.FloatRange(min=0), default=None, help="price of one GPU-hour: an estimated cost"
+)
+@click.pass_context
+def report(ctx: click.Context, run: str, output: str | None, open_page: bool, gpu_hour_price: float | None) -> None:
+    """RUN on one page: loss and held-out curves, answers before and after, each GGUF's size, smoke answer and
+    fidelity, time per stage and phase, GPU-hours. Self-contained HTML (no network), or JSON."""
+    from .files import write_atomic
+    from .report import collect, render_html
+
+    s = _holding(_opts(ctx), run).status(run)
+    if not s.store:
+        raise TunectlError(f"run {run} names no store to read its manifests from")
+    doc = collect(s, open_store(s.store), gpu_hour_price)
+    if output == "json":
+        _emit_json(doc)
+        return
+    page = render_html(doc)
+    if output == "-":
+        click.echo(page)
+        return
+    path = Path(output or f"{run}.html")
+    write_atomic(path, page, durable=False)
+    click.echo(f"report: {path.resolve()}")
+    if open_page:
+        import webbrowser
+
+        webbrowser.open(path.resolve().as_uri())
+
+
+@cli.command()
+@click.argument("run", callback=_run_id)
 @click.option("--stage", type=_STAGE, default=None, help="only this stage")
 @click.option("--follow", "-f", is_flag=True, help="Kubernetes: stream the stage's log until it ends")
 @shared("store", "backend", "context", "namespace")

@@ -161,6 +161,15 @@ def conversation(row: Mapping[str, Any], spec: DataSpec) -> list[dict[str, str]]
     return [{"role": t.roles[turn[t.role_key]], "content": turn[t.content_key]} for turn in row[t.column]]
 
 
+def check_eval_rows(rows: int, spec: DataSpec, source: str) -> None:
+    """data.eval_rows must leave rows to train on; data.eval_split needs a Hub data set's split."""
+    if spec.eval_rows is not None and spec.eval_rows >= rows:
+        raise ConfigError(
+            f"data.eval_rows {spec.eval_rows} would hold out every row of data set {source} ({rows} rows"
+            f"{' after data.max_rows' if spec.max_rows is not None else ''}): lower it"
+        )
+
+
 def row_label(index: int, lines: Sequence[int] | None = None) -> str:
     """The 0-based row `index` as a person counts it: 'row 3', or 'row 3 (line 5)' where lines are known."""
     return f"row {index + 1}" + (f" (line {lines[index]})" if lines is not None and index < len(lines) else "")
@@ -336,6 +345,7 @@ def peek_local_file(path: Path, spec: DataSpec, source: str) -> LocalFile | None
     if spec.max_rows is not None:
         rows = rows[: spec.max_rows]
     check_rows(rows, spec, source, lines)
+    check_eval_rows(len(rows), spec, source)
     if suffix == ".parquet":
         return LocalFile(columns=found, lines=None, rows=None)  # datasets reads Parquet with its own types
     names = [c for c in used_columns(spec) if c in found]

@@ -171,6 +171,11 @@ class DataSpec(_Strict):
     )
     add_eos: bool = Field(True, description="append the EOS token so the model learns to stop")
     max_rows: Count | None = Field(None, gt=0)
+    # Held-out evaluation: eval_rows takes that many rows out of training (chosen with training.seed, the same rows
+    # every time); eval_split reads a split of the Hub data set instead. The train stage measures their loss and
+    # perplexity before, during (training.eval_steps) and after training, and the gguf stage each GGUF's fidelity.
+    eval_rows: Count | None = Field(None, gt=0)
+    eval_split: str | None = None
     too_long: Literal["error", "drop", "cut_prompt"] = Field(
         "error",
         description="rows longer than model.max_seq_length tokens: refuse the data set, drop them, or shorten "
@@ -212,6 +217,14 @@ class DataSpec(_Strict):
                 raise ValueError(
                     f"{next(k for k, v in chat.items() if v)} is for data.format messages or sharegpt, not alpaca"
                 )
+        return self
+
+    @model_validator(mode="after")
+    def _eval_fields(self) -> DataSpec:
+        if self.eval_rows is not None and self.eval_split is not None:
+            raise ValueError("eval_rows and eval_split both hold out rows: set one")
+        if self.eval_split is not None and self.eval_split == self.split:
+            raise ValueError(f"eval_split '{self.eval_split}' is the training split: name another, or use eval_rows")
         return self
 
     @property
@@ -267,6 +280,9 @@ class TrainingSpec(_Strict):
     # Answer the test prompts before and after training (the train stage's "generate before/after" phases, kept in
     # generations.json); false skips both and saves their minutes.
     sample_answers: bool = True
+    # Measure the held-out rows (data.eval_rows or eval_split) every eval_steps optimizer steps as well as before and
+    # after training.
+    eval_steps: Count | None = Field(None, gt=0)
     # Data parallel training (torch.distributed, started by torchrun): processes per node (one per GPU; on a CPU,
     # gloo processes) and nodes (Kubernetes: one pod per node). Each process trains on its share of every batch.
     nproc_per_node: Count = Field(1, gt=0, le=64)
@@ -312,11 +328,19 @@ class ExportSpec(_Strict):
     # limit (a model that never stops is a failed export); answer: a non-empty answer passes even at the limit (for a
     # stand-in model that cannot have learned to stop; smoke.json says so); off: no smoke test.
     smoke_test: Literal["stop", "answer", "off"] = "stop"
+    # Each GGUF's fidelity to the f16 GGUF, measured with llama.cpp on up to this many tokens of the held-out rows
+    # (of the first training rows without them): perplexity, KL divergence of the next-token distribution, top-1
+    # agreement. 0: not measured. Its time grows with the model and the token count.
+    fidelity_tokens: Count = Field(2048, ge=0, le=1_000_000)
+    # Fail the export when a GGUF's mean KL divergence from f16 is above this.
+    max_kld: float | None = Field(None, gt=0)
 
     @model_validator(mode="after")
     def _gguf_needs_merged(self) -> ExportSpec:
         if self.gguf and not self.merged_16bit:
             raise ValueError("gguf export converts the merged 16-bit model: set merged_16bit: true or gguf: []")
+        if self.max_kld is not None and not self.fidelity_tokens:
+            raise ValueError("max_kld needs the fidelity measured: fidelity_tokens is 0")
         return self
 
 
@@ -355,6 +379,12 @@ class Recipe(_Strict):
                 )
             if not self.data.is_chat and p.system:
                 raise ValueError(f"test_prompts[{i}].system is for data.format messages or sharegpt, not alpaca")
+        return self
+
+    @model_validator(mode="after")
+    def _eval_steps_need_rows(self) -> Recipe:
+        if self.training.eval_steps and self.data.eval_rows is None and self.data.eval_split is None:
+            raise ValueError("training.eval_steps needs held-out rows: set data.eval_rows or data.eval_split")
         return self
 
     def prompt_for(self, instruction: str, input: str = "") -> str:

@@ -8,12 +8,14 @@ their prompt so the response and EOS stay whole.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
 from tunectl.datacheck import (
     BUILDERS,
     check_columns,
+    check_eval_rows,
     check_rows,
     peek_local_file,
     row_label,
@@ -65,6 +67,40 @@ def load_rows(spec: DataSpec) -> tuple[Any, list[int] | None]:
     # Checked as loaded, which is what trains (a Hub data set or a Parquet file's types are seen here first).
     check_rows(_rows(ds, spec), spec, spec.source, lines)
     return ds, lines
+
+
+def hold_out(
+    ds: Any, spec: DataSpec, seed: int, lines: list[int] | None
+) -> tuple[Any, Any | None, list[int] | None, list[int] | None]:
+    """The rows to train on and the held-out rows (None without data.eval_rows or eval_split), each with its lines.
+    eval_rows picks its rows with the seed from Python's own generator, so the same recipe holds out the same rows
+    whatever the library versions; eval_split loads that split of the Hub data set, checked as the training rows."""
+    if spec.eval_split is not None:
+        ref = resolve(spec.source, "data set")
+        if ref.path is not None:
+            raise ConfigError(
+                f"data.eval_split '{spec.eval_split}': a local file has one split; hold rows out with data.eval_rows"
+            )
+        held = load_rows(spec.model_copy(update={"split": spec.eval_split, "eval_split": None, "max_rows": None}))
+        return ds, held[0], lines, None
+    if spec.eval_rows is None:
+        return ds, None, lines, None
+    check_eval_rows(len(ds), spec, spec.source)
+    held = sorted(random.Random(seed).sample(range(len(ds)), spec.eval_rows))
+    kept = sorted(set(range(len(ds))) - set(held))
+    pick = (lambda idx: [lines[i] for i in idx]) if lines is not None else (lambda idx: None)
+    return ds.select(kept), ds.select(held), pick(kept), pick(held)
+
+
+def lineage(spec: DataSpec, ds: Any) -> dict[str, str]:
+    """What identifies the data trained on: a local file's sha256, or the fingerprint `datasets` gave the Hub data
+    set it loaded (its cache key, derived from the files it downloaded)."""
+    ref = resolve(spec.source, "data set")
+    if ref.path is not None:
+        from tunectl.stores.manifest import sha256_file
+
+        return {"data_sha256": sha256_file(ref.path)}
+    return {"data_fingerprint": str(getattr(ds, "_fingerprint", "unknown"))}
 
 
 def _rows(ds: Any, spec: DataSpec) -> Iterator[dict[str, Any]]:

@@ -5,7 +5,10 @@ Each file then has to load in llama.cpp, answer a test prompt and stop at EOS be
 model that never stops is a failed export. An Ollama `Modelfile` with the training prompt and stop tokens
 is written beside the files.
 
-Outputs: `<recipe>-<type>.gguf` for each requested type, `Modelfile`, `smoke.json`.
+Each file's fidelity to the 16-bit one (perplexity, KL divergence, top-1 agreement) is measured on the train
+stage's held-out token rows (fidelity.py).
+
+Outputs: `<recipe>-<type>.gguf` for each requested type, `Modelfile`, `smoke.json`, `fidelity.json`.
 
     python -m tunectl_jobs.gguf --recipe recipe.yaml --store DIR --run RUN_ID
 """
@@ -15,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -24,7 +28,8 @@ from tunectl import ollama
 from tunectl.errors import ConfigError, TunectlError
 from tunectl.stageexit import killed
 
-from . import llamacpp, llamarun
+from . import fidelity, llamacpp, llamarun
+from .evaluate import HELDOUT
 from .stage import StageContext, run_stage
 
 log = logging.getLogger("tunectl")
@@ -145,9 +150,6 @@ def gguf(ctx: StageContext) -> None:
                 quantize(high_file, dst, t)
         ctx.finished(dst)
         files[t] = dst
-    if high not in types:
-        high_file.unlink()
-        del files[high]
 
     instruction, inp, max_tokens = _SMOKE_DEFAULT
     if r.test_prompts:
@@ -171,6 +173,10 @@ def gguf(ctx: StageContext) -> None:
                 asked["system"] = r.test_prompts[0].system
             smoke.append({"type": t, "check": r.export.smoke_test, **asked, **result})
     (ctx.out / "smoke.json").write_text(json.dumps(smoke, indent=1, ensure_ascii=False) + "\n")
+    measured = measure_fidelity(ctx, files, high, high_file)
+    if high not in types:  # converted only to quantize from and to measure against
+        high_file.unlink()
+        del files[high]
     crashed = [s for s in smoke if "error" in s]
     if crashed:
         answered = [s["type"] for s in smoke if "error" not in s]
@@ -189,12 +195,21 @@ def gguf(ctx: StageContext) -> None:
         "sizes_mib": {t: round(files[t].stat().st_size / 2**20, 1) for t in types},
         "smoke": {s["type"]: {"finish_reason": s["finish_reason"], "tokens": s["completion_tokens"]} for s in smoke},
     }
+    if measured:
+        ctx.metrics["fidelity"] = measured
     if smoke:
         ctx.metrics["cpu_variant"] = smoke[0]["cpu_variant"]
     else:
         ctx.note("no smoke test (export.smoke_test: off): no GGUF was run")
     # The answers travel in the manifest: `tunectl pull --to ollama` compares the server's answer with them.
     ctx.extra = {"contract": contract, "smoke": smoke}
+    over = {t: m["kld"] for t, m in measured.get("types", {}).items() if "kld" in m and r.export.max_kld is not None
+            and m["kld"] > r.export.max_kld}  # fmt: skip
+    if over:
+        raise TunectlError(
+            "; ".join(f"GGUF {t}'s mean KL divergence from {high} is {k:.4g}" for t, k in over.items())
+            + f", above export.max_kld {r.export.max_kld} (see {ctx.out / FIDELITY}): keep a higher-precision type"
+        )
     if r.export.smoke_test == "answer":
         silent = [s["type"] for s in smoke if not s["answer"].strip()]
         if silent:
@@ -210,6 +225,40 @@ def gguf(ctx: StageContext) -> None:
             f"GGUF {', '.join(failed)} did not answer and stop at EOS within {max_tokens} tokens "
             f"(see {ctx.out / 'smoke.json'}); the model has not learned to stop: train longer or check the data"
         )
+
+
+FIDELITY = "fidelity.json"
+
+
+def measure_fidelity(ctx: StageContext, files: dict[str, Path], high: str, high_file: Path) -> dict[str, Any]:
+    """Each GGUF against the highest-precision one on the train stage's token rows (fidelity.py); {} where the
+    train stage wrote none (export.fidelity_tokens 0). A file that fails to run is named in the result and the
+    manifest notes, not a failed export: the smoke test is what decides that."""
+    r = ctx.recipe
+    if not r.export.fidelity_tokens:
+        return {}
+    train = ctx.store.manifest(ctx.run, "train")
+    if train is None or HELDOUT not in train["files"]:
+        why = "its manifest is not in this store" if train is None else "it kept no token rows"
+        ctx.note(f"no fidelity measured: the rows come from the train stage, and {why}")
+        return {}
+    with ctx.phase("fetch rows"):
+        rows_file = ctx.store.fetch(ctx.run, "train", select=lambda rel: rel == HELDOUT).file(HELDOUT)
+    with ctx.phase("fidelity", native="llama.cpp"):
+        results = fidelity.measure(files, high_file, rows_file, ctx.out / ".fidelity")
+    shutil.rmtree(ctx.out / ".fidelity", ignore_errors=True)
+    source = json.loads(rows_file.read_text())["source"]
+    for t, m in results.items():
+        if "error" in m:
+            ctx.note(f"fidelity of {t} not measured: {m['error']}")
+        else:
+            log.info(
+                "fidelity %s on %d %s tokens: perplexity %.4f, KL divergence from %s %.6f (p99 %.4f), top-1 %.2f%%",
+                t, m["tokens"], source, m["perplexity"], high, m["kld"], m["kld_p99"], 100 * m["top1"],
+            )  # fmt: skip
+    doc = {"reference": high, "source": source, "types": results}
+    (ctx.out / FIDELITY).write_text(json.dumps(doc, indent=1) + "\n")
+    return doc
 
 
 def main(argv: list[str] | None = None) -> int:

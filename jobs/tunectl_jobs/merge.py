@@ -71,6 +71,7 @@ def merge_16bit(ctx: StageContext, adapter: Path, contract: dict[str, Any], dest
         AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(dest)
     ctx.inputs["merge_base"] = r.model.merge_base_name() if "merge_base_revision" in ctx.inputs else base
     ctx.metrics["merged_dtype"] = str(out_dtype).removeprefix("torch.")
+    ctx.metrics["device"] = torch.cuda.get_device_name(0) if cuda else "cpu"
     del model
 
 

@@ -138,6 +138,17 @@ def resolve_token_contract(tokenizer: Any, model_config: Any, generation_config:
     }
 
 
+def shape(config: Any) -> dict[str, int] | None:
+    """A decoder's shape as the report's FLOPs count needs it (None for a model without these fields)."""
+    keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+            "vocab_size")  # fmt: skip
+    got = {k: getattr(config, k, None) for k in keys}
+    if any(not isinstance(v, int) for v in got.values()):
+        return None
+    head_dim = getattr(config, "head_dim", None) or got["hidden_size"] // got["num_attention_heads"]
+    return {**got, "head_dim": int(head_dim)}  # type: ignore[dict-item]
+
+
 def apply_contract_to_generation_config(model: Any, contract: dict[str, Any]) -> None:
     gc = model.generation_config
     gc.eos_token_id = contract["stop_token_ids"] if len(contract["stop_token_ids"]) > 1 else contract["eos_token_id"]

@@ -24,7 +24,7 @@ from tunectl import checkpoints as store_checkpoints
 from tunectl.errors import ConfigError, Preempted, TunectlError
 from tunectl.recipe import LoraSpec, Recipe
 
-from . import chat, checkpoints, data, distributed, models
+from . import chat, checkpoints, data, distributed, evaluate, models
 from .prefetch import Prefetch
 from .stage import StageContext, run_stage
 
@@ -191,16 +191,19 @@ def _optimizer(ctx: StageContext, cuda: bool) -> str:
     return optim
 
 
-def _loss_plot(history: list[dict[str, Any]], path: Any, title: str) -> None:
+def _loss_plot(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: Any, title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".")
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], marker=".", label="training")
+    if evals:
+        ax.plot([e["step"] for e in evals], [e["loss"] for e in evals], marker="o", label="held-out")
+        ax.legend()
     ax.set_xlabel("step")
-    ax.set_ylabel("training loss")
+    ax.set_ylabel("loss")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
@@ -301,7 +304,8 @@ def fine_tune(ctx: StageContext) -> None:
             import unsloth as _  # noqa: F401  (patches transformers/trl; must come before they are imported)
     with ctx.phase("load data"):
         ds, lines = data.load_rows(r.data)
-    loaded_rows = len(ds)
+        loaded_rows, lineage = len(ds), data.lineage(r.data, ds)
+        ds, eval_ds, lines, eval_lines = data.hold_out(ds, r.data, r.training.seed, lines)
     with ctx.phase("load model"):
         base = models.base_model_path(r.model.name)
         model, tokenizer = (_load_unsloth if unsloth else _load_hf)(ctx, base)
@@ -321,12 +325,19 @@ def fine_tune(ctx: StageContext) -> None:
     with ctx.phase("check"):
         check_lora_targets(model, r.lora, r.model.name)
         max_len = r.model.max_seq_length
-        if template is not None:  # conversations: token ids, and marks where the loss is on the answers only
-            ds, fit = chat.tokenized_dataset(
-                ds, r.data, tokenizer, template, contract["stop_token_ids"], max_len, lines
-            )
-        else:
-            ds, fit = data.fit_to_length(ds, r.data, tokenizer, contract["eos_token"], max_len, lines)
+
+        def fit_rows(rows: Any, rows_lines: list[int] | None) -> tuple[Any, dict[str, int]]:
+            if template is not None:  # conversations: token ids, and marks where the loss is on the answers only
+                return chat.tokenized_dataset(
+                    rows, r.data, tokenizer, template, contract["stop_token_ids"], max_len, rows_lines
+                )
+            return data.fit_to_length(rows, r.data, tokenizer, contract["eos_token"], max_len, rows_lines)
+
+        ds, fit = fit_rows(ds, lines)
+        if eval_ds is not None:
+            eval_ds, eval_fit = fit_rows(eval_ds, eval_lines)
+            log.info("held out: %d rows (%d too long, dropped %d)", eval_fit["rows_trained"],
+                     eval_fit["rows_too_long"], eval_fit["rows_dropped"])  # fmt: skip
         log.info(
             "rows: %d to train of %d; %d longer than max_seq_length %d (dropped %d, prompt cut %d); longest %d tokens",
             fit["rows_trained"],
@@ -367,12 +378,15 @@ def fine_tune(ctx: StageContext) -> None:
         model = (_peft_unsloth if unsloth else _peft_hf)(ctx, model)
         # Conversations come tokenized (TRL takes input_ids and assistant_masks as they are); Alpaca rows as text,
         # or as prompt and completion where the loss is on the response only (TRL's completion-only loss).
-        if template is not None:
-            train_ds = ds
-        elif r.data.loss_on == "assistant":
-            train_ds = data.format_prompt_completion(ds, r.data, contract["eos_token"])
-        else:
-            train_ds = data.format_alpaca(ds, r.data, contract["eos_token"])
+
+        def trainer_rows(rows: Any) -> Any:
+            if template is not None:
+                return rows
+            if r.data.loss_on == "assistant":
+                return data.format_prompt_completion(rows, r.data, contract["eos_token"])
+            return data.format_alpaca(rows, r.data, contract["eos_token"])
+
+        train_ds = trainer_rows(ds)
         from trl import SFTConfig, SFTTrainer
 
         t = r.training
@@ -408,14 +422,36 @@ def fine_tune(ctx: StageContext) -> None:
         saver = checkpoints.store_checkpoints_callback(ctx.store, ctx.run, r)
         trainer_class = SFTTrainer if cuda or distributed.world_size() == 1 else _cpu_ddp_trainer(SFTTrainer)
         trainer = trainer_class(
-            model=model, processing_class=tokenizer, train_dataset=train_ds, args=args, callbacks=[saver]
+            model=model,
+            processing_class=tokenizer,
+            train_dataset=train_ds,
+            eval_dataset=trainer_rows(eval_ds) if eval_ds is not None else None,
+            args=args,
+            callbacks=[saver],
         )
+        # The held-out rows as the trainer tokenizes and labels them; without any, the first training rows, which
+        # the gguf stage measures its files on (the fidelity of a quantization, not what the model learned).
+        if eval_ds is not None:
+            eval_rows: evaluate.Rows | None = evaluate.collated(trainer, trainer.eval_dataset, "held-out")
+            if r.training.eval_steps:
+                trainer.add_callback(evaluate.callback(eval_rows, r.training.eval_steps, distributed.rank() == 0))
+        elif r.export.fidelity_tokens and r.export.gguf:
+            eval_rows = evaluate.collated(trainer, trainer.train_dataset, "training", limit=256)
+        else:
+            eval_rows = None
         loss_tokens = {} if t.packing else check_loss_tokens(trainer, r.data.loss_on, train_ds)
         if loss_tokens:
             log.info(
                 "loss on %d of %d tokens in the first rows (data.train_on %s)",
                 loss_tokens["loss_tokens_checked"], loss_tokens["tokens_checked"], r.data.loss_on,
             )  # fmt: skip
+
+    held_out = eval_rows is not None and eval_rows.source == "held-out" and distributed.rank() == 0
+    if held_out:
+        with ctx.phase("evaluate before"):
+            eval_before = evaluate.measure(model, eval_rows)
+        log.info("held-out before training: loss %.4f, perplexity %.3f on %d tokens", eval_before["loss"],
+                 eval_before["perplexity"], eval_before["tokens"])  # fmt: skip
 
     with ctx.phase("resume"):
         # A retry or `tunectl resume`: the newest complete checkpoint of this run, if any (same recipe only).
@@ -436,11 +472,21 @@ def fine_tune(ctx: StageContext) -> None:
     if saver.preempted_at is not None:
         raise Preempted(f"stopped by SIGTERM at step {saver.preempted_at}: checkpoint saved, a retry resumes from it")
     history = [
-        {"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate"), "grad_norm": h.get("grad_norm")}
+        {
+            "step": h["step"],
+            "loss": h["loss"],
+            "learning_rate": h.get("learning_rate"),
+            "grad_norm": h.get("grad_norm"),
+            "num_tokens": h.get("num_tokens"),
+        }  # fmt: skip
         for h in trainer.state.log_history
         if "loss" in h
     ]
 
+    if held_out:
+        with ctx.phase("evaluate after"):
+            eval_after = evaluate.measure(model, eval_rows)
+        log.info("held-out after training: loss %.4f, perplexity %.3f", eval_after["loss"], eval_after["perplexity"])
     after = answer_test_prompts("after")
 
     if distributed.rank() != 0:  # rank 0 saves and publishes what every rank trained alike
@@ -450,14 +496,34 @@ def fine_tune(ctx: StageContext) -> None:
         model.save_pretrained(adapter)
         tokenizer.save_pretrained(adapter)
         (ctx.out / "loss.json").write_text(json.dumps(history, indent=1) + "\n")
-        _loss_plot(history, ctx.out / "loss.png", f"{r.name}: {len(history)} logged steps")
+        evals: list[dict[str, Any]] = []
+        if held_out:
+            steps = int(result.global_step)
+            during = [e for e in evaluate.history(trainer.state.log_history) if 0 < e["step"] < steps]
+            evals = [{"step": 0, **eval_before}, *during, {"step": steps, **eval_after}]
+            (ctx.out / "eval.json").write_text(json.dumps({"source": "held-out", "rows": len(eval_rows.ids),
+                                                          "history": evals}, indent=1) + "\n")  # fmt: skip
+        _loss_plot(history, evals, ctx.out / "loss.png", f"{r.name}: {len(history)} logged steps")
+        if eval_rows is not None and r.export.fidelity_tokens and r.export.gguf:
+            eval_rows.capped(r.export.fidelity_tokens).write(ctx.out / evaluate.HELDOUT)
         (ctx.out / "generations.json").write_text(json.dumps(before + after, indent=1, ensure_ascii=False) + "\n")
         import shutil
 
         shutil.rmtree(ctx.out / ".trainer", ignore_errors=True)
         shutil.rmtree(ctx.out / ".resume", ignore_errors=True)
 
-    ctx.inputs = {"model": r.model.name, "resolved_model": base, "data": r.data.source, "rows": loaded_rows}
+    ctx.inputs = {"model": r.model.name, "resolved_model": base, "data": r.data.source, "rows": loaded_rows,
+                  **lineage}  # fmt: skip
+    # TRL counts the tokens it trains on (every process's); Unsloth's trainer logs no count, so there it is the rows
+    # trained times their mean length in the prepared data set (the same rows, as long on average).
+    tokens = next((h["num_tokens"] for h in reversed(history) if h.get("num_tokens")), None)
+    tokens_basis = "counted"
+    if not tokens and len(trainer.train_dataset):
+        lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
+        steps_run = int(result.global_step) - (resume[1] if resume else 0)
+        tokens = steps_run * r.training.effective_batch_size * sum(lengths) / len(lengths)
+        tokens_basis = "estimated: rows trained x their mean length"
+    train_s = result.metrics.get("train_runtime", 0.0)
     ctx.metrics = {
         "backend": "unsloth" if unsloth else "transformers+peft",
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
@@ -468,10 +534,26 @@ def fine_tune(ctx: StageContext) -> None:
         "final_loss": history[-1]["loss"] if history else None,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 3),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "tokens_trained": int(tokens) if tokens else None,  # every process's, as TRL counts them
+        "tokens_per_s": round(tokens / train_s, 1) if tokens and train_s else None,
+        "tokens_basis": tokens_basis,
+        "model_shape": models.shape(model.config),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "after_stopped_at_eos": all(g["stopped_at_eos"] for g in after) if after else None,
         **fit,
         **loss_tokens,
+        **(
+            {
+                "eval_rows": len(eval_rows.ids),
+                "eval_tokens": eval_before["tokens"],
+                "eval_loss_before": eval_before["loss"],
+                "eval_loss_after": eval_after["loss"],
+                "eval_perplexity_before": eval_before["perplexity"],
+                "eval_perplexity_after": eval_after["perplexity"],
+            }
+            if held_out
+            else {}
+        ),  # fmt: skip
     }
     if template is not None:
         go, why = chat.ollama_template(tokenizer, template)
