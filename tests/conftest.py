@@ -232,6 +232,23 @@ def ollama_server(tmp_path_factory):
     server.stop()
 
 
+def cli_on_store(store: str, env: dict[str, str]):
+    """`tunectl --store STORE ...` in a child process with `env`, asserted to succeed (the e2e tests' runs)."""
+
+    def tunectl(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+        proc = subprocess.run(
+            [sys.executable, "-m", "tunectl.cli", "--store", store, *args],
+            capture_output=True,
+            text=True,
+            env={**env, **(extra_env or {})},
+            timeout=3600,
+        )
+        assert proc.returncode == 0, f"tunectl {' '.join(args)}:\n{proc.stderr[-4000:]}"
+        return proc
+
+    return tunectl
+
+
 def new_bucket(minio, hint: str) -> str:
     import re
     import secrets

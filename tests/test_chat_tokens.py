@@ -4,8 +4,6 @@ tunectl's ChatML; templates whose marks could be wrong are refused."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
 
 from tunectl.errors import ConfigError, TunectlError
@@ -170,46 +168,12 @@ def test_alpaca_rows_with_the_loss_on_the_response_train_only_the_response_and_e
     )
 
 
-GO_CHAT = """
-package main
-
-import (
-	"encoding/json"
-	"os"
-	"strings"
-	"text/template"
-)
-
-// Renders a Modelfile TEMPLATE over each case's Messages, as Ollama's engine executes it for /api/chat.
-func main() {
-	var in struct {
-		Template string
-		Cases    []map[string]any
-	}
-	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
-		panic(err)
-	}
-	t := template.Must(template.New("m").Parse(in.Template))
-	var out []string
-	for _, c := range in.Cases {
-		var b strings.Builder
-		if err := t.Execute(&b, c); err != nil {
-			panic(err)
-		}
-		out = append(out, b.String())
-	}
-	json.NewEncoder(os.Stdout).Encode(out)
-}
-"""
-
-
 @pytest.mark.parametrize("template", ["model", "chatml"])
 def test_the_ollama_template_renders_every_conversation_as_the_trained_template_does(tok, tmp_path, template):
     """For the ChatML family (the tiny model's own template, with its default system message, and tunectl's), the
     Go TEMPLATE and the Jinja template render the same text for multi-turn conversations with and without a
     system message; Go's own text/template renders it."""
-    import shutil
-    import subprocess
+    from gotemplate import go_render
 
     from tunectl_jobs import chat
 
@@ -222,14 +186,8 @@ def test_the_ollama_template_renders_every_conversation_as_the_trained_template_
     ]
     expected = [tok.apply_chat_template(t, chat_template=jinja, tokenize=False, add_generation_prompt=True)
                 for t in talks]  # fmt: skip
-    go = shutil.which("go")
-    assert go is not None, "Go renders the Modelfile TEMPLATE with Ollama's own template engine"
-    (tmp_path / "render.go").write_text(GO_CHAT, encoding="utf-8")
     cases = [{"Messages": [{"Role": m["role"], "Content": m["content"]} for m in t]} for t in talks]
-    proc = subprocess.run([go, "run", "render.go"], input=json.dumps({"Template": go_template, "Cases": cases}),
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)  # fmt: skip
-    assert proc.returncode == 0, proc.stderr
-    assert json.loads(proc.stdout) == expected
+    assert go_render(tmp_path, go_template, cases) == expected
 
 
 def test_a_template_outside_the_chatml_family_gets_no_ollama_template_and_says_why(tok):

@@ -14,12 +14,11 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import pytest
+from conftest import cli_on_store
 
 from tunectl.recipe import load_recipe
 
@@ -47,16 +46,7 @@ def chat_run(tmp_path_factory, minio) -> ChatRun:
     env = {**os.environ, **minio.env(), "TUNECTL_S3_CACHE": str(base / "s3-cache")}
     store = f"s3://{new_bucket(minio, 'chat')}/runs"
 
-    def tunectl(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "tunectl.cli", "--store", store, *args],
-            capture_output=True,
-            text=True,
-            env={**env, **(extra_env or {})},
-            timeout=3600,
-        )
-        assert proc.returncode == 0, f"tunectl {' '.join(args)}:\n{proc.stderr[-4000:]}"
-        return proc
+    tunectl = cli_on_store(store, env)
 
     submit = tunectl("submit", RECIPE)
     run = re.search(r"^run (\S+): stages train -> merge -> gguf", submit.stderr, re.M).group(1)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from conftest import cli_on_store
 
 from tunectl.recipe import load_recipe
 from tunectl.stores.manifest import sha256_file
@@ -54,16 +55,7 @@ def finished_run(request, tmp_path_factory):
     else:
         store = str(base / "store")
 
-    def tunectl(*args: str, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-        proc = subprocess.run(
-            [sys.executable, "-m", "tunectl.cli", "--store", store, *args],
-            capture_output=True,
-            text=True,
-            env={**env, **(extra_env or {})},
-            timeout=3600,
-        )
-        assert proc.returncode == 0, f"tunectl {' '.join(args)}:\n{proc.stderr[-4000:]}"
-        return proc
+    tunectl = cli_on_store(store, env)
 
     submit = tunectl("submit", "ruozhiba-tiny")
     run = re.search(r"^run (\S+): stages train -> merge -> gguf", submit.stderr, re.M).group(1)

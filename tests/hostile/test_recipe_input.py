@@ -6,16 +6,13 @@ the next probe of this kind should find nothing.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
 import textwrap
-from pathlib import Path
 
 import jinja2
 import pytest
 import yaml
 from conftest import no_runs, one_line_error
+from gotemplate import go_render
 
 from tunectl.contract import chat_template
 from tunectl.ollama import modelfile
@@ -81,60 +78,6 @@ def test_prompt_template_allows_exactly_three_plain_fields(tunectl, store, templ
     line = one_line_error(proc)
     assert "'data.prompt_template'" in line and expected in line, line
     no_runs(store)
-
-
-GO_RENDER = """
-package main
-
-import (
-	"encoding/json"
-	"os"
-	"text/template"
-)
-
-// Renders a Modelfile TEMPLATE the way Ollama's Go template engine does, for each {System, Prompt} given.
-func main() {
-	var in struct {
-		Template string
-		Cases    []map[string]string
-	}
-	if err := json.NewDecoder(os.Stdin).Decode(&in); err != nil {
-		panic(err)
-	}
-	t := template.Must(template.New("m").Parse(in.Template))
-	var out []string
-	for _, c := range in.Cases {
-		var b = new(jsonBuf)
-		if err := t.Execute(b, c); err != nil {
-			panic(err)
-		}
-		out = append(out, b.s)
-	}
-	json.NewEncoder(os.Stdout).Encode(out)
-}
-
-type jsonBuf struct{ s string }
-
-func (b *jsonBuf) Write(p []byte) (int, error) { b.s += string(p); return len(p), nil }
-"""
-
-
-def go_render(tmp_path: Path, template: str, cases: list[dict[str, str]]) -> list[str]:
-    go = shutil.which("go")
-    if go is None:
-        pytest.fail("Go is needed to render Modelfile templates with Go's own engine (it builds the test tools)")
-    src = tmp_path / "render.go"
-    src.write_text(GO_RENDER, encoding="utf-8")
-    proc = subprocess.run(
-        [go, "run", str(src)],
-        input=json.dumps({"Template": template, "Cases": cases}),
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stderr
-    return json.loads(proc.stdout)
 
 
 @pytest.mark.parametrize(
