@@ -139,6 +139,10 @@ def test_held_out_rows_are_measured_in_training_and_each_gguf_against_f16(finish
     assert f["q4_k_m"]["kld"] > f["q8_0"]["kld"] > 0
     assert f["q4_k_m"]["top1"] < f["q8_0"]["top1"] < 1
     assert f["q4_k_m"]["perplexity"] > f["f16"]["perplexity"]
+    table = finished_run.tunectl("status", finished_run.run).stdout
+    before, after = m["eval_perplexity_before"], m["eval_perplexity_after"]
+    assert f"held-out perplexity {before:.3f} -> {after:.3f}" in table
+    assert f"vs f16: q4_k_m KLD {f['q4_k_m']['kld']:.4f} top-1 {100 * f['q4_k_m']['top1']:.1f}%" in table
     # the f16 GGUF scores the held-out rows as the trained model did in PyTorch (bf16 weights, another engine)
     assert f["f16"]["perplexity"] == pytest.approx(m["eval_perplexity_after"], rel=0.02)
 
@@ -431,6 +435,34 @@ def test_the_smoke_test_checks_what_export_smoke_test_asks(finished_run, tmp_pat
         assert "q8_0 answered up to the token limit: accepted (export.smoke_test: answer)" in doc["notes"]
     else:
         assert doc["smoke"] == [] and "no smoke test (export.smoke_test: off): no GGUF was run" in doc["notes"]
+
+
+@pytest.mark.parametrize("finished_run", ["dir"], indirect=True)  # the directory store's run is copied
+def test_an_export_further_from_f16_than_export_max_kld_fails_and_names_the_type(finished_run, tmp_path, capsys):
+    """The gguf stage again on a copy of the run, asked for q4_k_m only with export.max_kld below what q4_k_m
+    measures: the export fails in one line naming the type and its KL divergence, and publishes nothing."""
+    import shutil
+
+    import yaml
+
+    from tunectl_jobs import gguf
+
+    run = finished_run.run
+    src = Path(finished_run.store) / "runs" / run
+    store = tmp_path / "store"
+    shutil.copytree(src, store / "runs" / run, ignore=lambda d, names: ["gguf", ".scratch"] if d == str(src) else [])
+    recipe_file = store / "runs" / run / "recipe.yaml"
+    recipe = yaml.safe_load(recipe_file.read_text())
+    recipe["export"] |= {"gguf": ["q4_k_m"], "max_kld": 0.01}
+    recipe_file.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    assert gguf.main(["--recipe", str(recipe_file), "--store", str(store), "--run", run]) == 1
+    line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: "))
+    assert re.fullmatch(
+        r"error: GGUF q4_k_m's mean KL divergence from f16 is 0\.0\d+, above export\.max_kld 0\.01 \(see \S+"
+        r"fidelity\.json\): keep a higher-precision type",
+        line,
+    ), line
+    assert not (store / "runs" / run / "gguf" / "manifest.json").exists()
 
 
 def _submit_and_stop_in_training(env: dict[str, str], sets: list[str]) -> tuple[str, int, str]:

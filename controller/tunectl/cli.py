@@ -405,11 +405,20 @@ def _metric_summary(stage: StageStatus) -> str:
     parts = []
     if m.get("final_loss") is not None:
         parts.append(f"loss {m['first_loss']:.3f} -> {m['final_loss']:.3f} in {m['steps']} steps ({m['backend']})")
+    if m.get("eval_perplexity_after") is not None:
+        parts.append(f"held-out perplexity {m['eval_perplexity_before']:.3f} -> {m['eval_perplexity_after']:.3f}")
     if m.get("exports"):
         parts.append("exports " + ", ".join(m["exports"]))
     if m.get("smoke"):
         parts.append(
             "smoke " + ", ".join(f"{t}: {v['finish_reason']} after {v['tokens']} tok" for t, v in m["smoke"].items())
+        )
+    fidelity = (m.get("fidelity") or {}).get("types") or {}
+    measured = {t: f for t, f in fidelity.items() if "kld" in f and t != m["fidelity"].get("reference")}
+    if measured:
+        parts.append(
+            f"vs {m['fidelity']['reference']}: "
+            + ", ".join(f"{t} KLD {f['kld']:.4f} top-1 {100 * f['top1']:.1f}%" for t, f in measured.items())
         )
     if m.get("cpu_variant"):
         parts.append(f"llama.cpp CPU variant {m['cpu_variant']}")
