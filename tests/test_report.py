@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import re
-from pathlib import Path
 
 import pytest
 
@@ -64,11 +63,19 @@ def test_evaluation_settings_that_cannot_work_are_refused_in_one_line(sets, says
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
-def test_holding_out_every_row_is_refused_before_a_run_exists(tmp_path: Path):
+def test_holding_out_every_row_or_a_files_other_split_is_refused_before_a_run_exists(tunectl, store, tmp_path):
     path = tmp_path / "rows.jsonl"
     path.write_text("".join(json.dumps({"instruction": f"问题{i}", "output": "答"}) + "\n" for i in range(5)))
-    spec = load_recipe("ruozhiba-tiny", ["data.eval_rows=5"]).data
-    with pytest.raises(ConfigError) as e:
-        peek_local_file(path, spec, "rows.jsonl")
-    assert str(e.value) == "data.eval_rows 5 would hold out every row of data set rows.jsonl (5 rows): lower it"
-    assert peek_local_file(path, load_recipe("ruozhiba-tiny", ["data.eval_rows=4"]).data, "rows.jsonl") is not None
+    local = peek_local_file(path, load_recipe("ruozhiba-tiny", ["data.eval_rows=5"]).data, "rows.jsonl")
+    assert local is not None and local.count == 5  # the file itself is fine: holding out is the recipe's business
+    for sets, says in (
+        (["data.eval_rows=5"], f"data.eval_rows 5 would hold out every row of data set {path} (5 rows): lower it"),
+        (["data.eval_rows=9", "data.max_rows=3"],
+         f"data.eval_rows 9 would hold out every row of data set {path} (3 rows after data.max_rows): lower it"),
+        (["data.eval_rows=null", "data.eval_split=test"],
+         "data.eval_split 'test': a local file has one split; hold rows out with data.eval_rows"),
+    ):  # fmt: skip
+        args = [a for s in [f"data.source={path}", *sets] for a in ("--set", s)]
+        proc = tunectl("submit", "ruozhiba-tiny", "--backend", "local", *args)
+        assert proc.returncode == 78 and proc.stderr.strip() == f"error: {says}", proc.stderr
+    assert not (store / "runs").exists() or not list((store / "runs").iterdir())

@@ -162,7 +162,12 @@ def conversation(row: Mapping[str, Any], spec: DataSpec) -> list[dict[str, str]]
 
 
 def check_eval_rows(rows: int, spec: DataSpec, source: str) -> None:
-    """data.eval_rows must leave rows to train on; data.eval_split needs a Hub data set's split."""
+    """data.eval_rows must leave rows to train on; data.eval_split needs a Hub data set's split (a local file
+    has one)."""
+    if spec.eval_split is not None:
+        raise ConfigError(
+            f"data.eval_split '{spec.eval_split}': a local file has one split; hold rows out with data.eval_rows"
+        )
     if spec.eval_rows is not None and spec.eval_rows >= rows:
         raise ConfigError(
             f"data.eval_rows {spec.eval_rows} would hold out every row of data set {source} ({rows} rows"
@@ -314,6 +319,7 @@ class LocalFile:
     columns: list[str]
     lines: list[int] | None
     rows: list[dict[str, Any]] | None
+    count: int  # the rows checked (data.max_rows applied): what the held-out rows come from
 
 
 def peek_local_file(path: Path, spec: DataSpec, source: str) -> LocalFile | None:
@@ -345,8 +351,7 @@ def peek_local_file(path: Path, spec: DataSpec, source: str) -> LocalFile | None
     if spec.max_rows is not None:
         rows = rows[: spec.max_rows]
     check_rows(rows, spec, source, lines)
-    check_eval_rows(len(rows), spec, source)
     if suffix == ".parquet":
-        return LocalFile(columns=found, lines=None, rows=None)  # datasets reads Parquet with its own types
+        return LocalFile(columns=found, lines=None, rows=None, count=len(rows))  # datasets reads its own types
     names = [c for c in used_columns(spec) if c in found]
-    return LocalFile(columns=found, lines=lines, rows=[{c: r.get(c) for c in names} for r in rows])
+    return LocalFile(columns=found, lines=lines, rows=[{c: r.get(c) for c in names} for r in rows], count=len(rows))

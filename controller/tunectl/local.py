@@ -20,7 +20,7 @@ from typing import Any
 
 from . import __version__, checkpoints
 from .backend import LOCAL, Backend, Echo, Submission, SubmitRequest
-from .datacheck import peek_local_file
+from .datacheck import check_eval_rows, peek_local_file
 from .errors import ConfigError, TunectlError, redact
 from .files import create_fresh, write_atomic
 from .recipe import Recipe
@@ -63,7 +63,9 @@ def preflight(recipe: Recipe) -> None:
     if data.path is not None:
         if not data.path.is_file():
             raise ConfigError(f"data set {recipe.data.source}: {data.path} is not a file")
-        peek_local_file(data.path, recipe.data, recipe.data.source)
+        local = peek_local_file(data.path, recipe.data, recipe.data.source)
+        if local is not None:
+            check_eval_rows(local.count, recipe.data, recipe.data.source)
     if recipe.export.gguf:
         from tunectl_jobs import llamacpp  # light: no torch at import
 

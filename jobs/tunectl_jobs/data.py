@@ -75,17 +75,13 @@ def hold_out(
     """The rows to train on and the held-out rows (None without data.eval_rows or eval_split), each with its lines.
     eval_rows picks its rows with the seed from Python's own generator, so the same recipe holds out the same rows
     whatever the library versions; eval_split loads that split of the Hub data set, checked as the training rows."""
-    if spec.eval_split is not None:
-        ref = resolve(spec.source, "data set")
-        if ref.path is not None:
-            raise ConfigError(
-                f"data.eval_split '{spec.eval_split}': a local file has one split; hold rows out with data.eval_rows"
-            )
+    if spec.eval_rows is None and spec.eval_split is None:
+        return ds, None, lines, None
+    if spec.eval_split is not None and resolve(spec.source, "data set").hub_id is not None:
         held = load_rows(spec.model_copy(update={"split": spec.eval_split, "eval_split": None, "max_rows": None}))
         return ds, held[0], lines, None
-    if spec.eval_rows is None:
-        return ds, None, lines, None
-    check_eval_rows(len(ds), spec, spec.source)
+    check_eval_rows(len(ds), spec, spec.source)  # one line for a local file's eval_split, or too few rows
+    assert spec.eval_rows is not None
     held = sorted(random.Random(seed).sample(range(len(ds)), spec.eval_rows))
     kept = sorted(set(range(len(ds))) - set(held))
     pick = (lambda idx: [lines[i] for i in idx]) if lines is not None else (lambda idx: None)

@@ -21,6 +21,7 @@ from tunectl.recipe import load_recipe
 # Should a check ever let bad data through, the run it starts stays short: one step, no exports.
 FAST = ["-q", "--set", "training.max_steps=1", "--set", "export.gguf=[]"]
 FAST += ["--set", "export.merged_16bit=false", "--set", "export.lora=false"]
+FAST += ["--set", "data.eval_rows=null", "--set", "training.eval_steps=null"]  # the files here have few rows
 
 GOOD = {"instruction": "为什么月亮跟着我走", "input": "", "output": "因为它离得太远。"}
 
