@@ -61,6 +61,15 @@ class OllamaServer:
         """The ollama client against this server."""
         return subprocess.run([self.binary, *args], env=self.env(), capture_output=True, text=True, timeout=300)
 
+    def ask(self, endpoint: str, name: str, max_tokens: int = 128, **body: object) -> dict:
+        """One greedy, non-streamed request to /api/ENDPOINT (generate or chat) for the model `name`; `body` adds
+        the prompt: system and prompt, raw=True for text sent as it is, or messages."""
+        options = {"temperature": 0, "top_k": 1, "repeat_penalty": 1.0, "num_predict": max_tokens}
+        request = {"model": name, "stream": False, "options": options, **body}
+        req = urllib.request.Request(f"{self.url}/api/{endpoint}", data=json.dumps(request).encode(), method="POST")
+        with urllib.request.urlopen(req, timeout=300) as resp:
+            return dict(json.loads(resp.read()))
+
     def stop(self) -> None:
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
