@@ -75,10 +75,7 @@ def collect(status: RunStatus, store: Store, gpu_hour_price: float | None = None
         "created": status.created,
         "store": status.store,
         "report_by": f"tunectl {__version__}",
-        "lineage": {
-            **{k: v for k, v in (train or {}).get("inputs", {}).items()},
-            "versions": (train or {}).get("versions", {}),
-        },
+        "lineage": {**(train or {}).get("inputs", {}), "versions": (train or {}).get("versions", {})},
         "recipe_yaml": recipe_text,
         "stages": [],
         "training": None,
