@@ -500,6 +500,17 @@ def _resume_with_the_reference_losses(
     assert [h["step"] for h in losses] == [h["step"] for h in reference] == list(range(1, 41))
     for ours, theirs in zip(losses, reference, strict=True):
         assert ours["loss"] == pytest.approx(theirs["loss"], rel=tolerance, abs=tolerance), (ours, theirs)
+    # The two attempts trained as many tokens as the uninterrupted run; the rate is this attempt's tokens over its
+    # time; the stage's time counts both attempts.
+    metrics = json.loads((Path(env["TUNECTL_STORE"]) / "runs" / run / "train" / "manifest.json").read_text())["metrics"]
+    assert metrics["tokens_trained"] == reference[-1]["num_tokens"] and metrics["tokens_basis"] == "counted"
+    after_resume = reference[-1]["num_tokens"] - reference[step - 1]["num_tokens"]
+    assert metrics["tokens_per_s"] * metrics["train_seconds"] == pytest.approx(after_resume, rel=0.01)
+    assert re.search(r"^train\s+succeeded .*; 2 attempts, \d+s before this one", resumed.stdout, re.M), resumed.stdout
+    report = json.loads(subprocess.run([*cli, "report", run, "-o", "json"], capture_output=True, text=True, env=env,
+                                       check=True).stdout)  # fmt: skip
+    train = report["stages"][0]
+    assert train["stage"] == "train" and train["attempts"] == 2 and train["earlier_seconds"] > 0
     return resumed
 
 

@@ -28,7 +28,7 @@ from .errors import (
     redact,
 )
 from .recipe import builtin_names, load_recipe
-from .runmodel import STAGES, RunState, RunStatus, StageStatus, format_error
+from .runmodel import STAGES, RunState, RunStatus, StageState, StageStatus, format_error
 from .stores import default_store_uri, open_store
 
 _SET_HELP = "override a recipe field, e.g. --set training.max_steps=30 (repeatable)"
@@ -426,6 +426,9 @@ def _metric_summary(stage: StageStatus) -> str:
         parts.append(stage.error)
     if stage.reason:
         parts.append(stage.reason)
+    if stage.attempts and stage.state != StageState.FAILED:  # a failed stage's reason counts them
+        earlier = f", {stage.earlier_seconds:.0f}s before this one" if stage.earlier_seconds else ""
+        parts.append(f"{stage.attempts} attempts{earlier}")
     if stage.checkpoint:
         c = stage.checkpoint
         parts.append(f"checkpoint at step {c.get('step')} ({_age(c.get('saved'))} old, {c.get('why')})")

@@ -81,6 +81,16 @@ class StageFailed(TunectlError):
     pass
 
 
+def _earlier_attempts(entry: dict[str, Any]) -> dict[str, Any]:
+    """What a stage started again (`tunectl resume`) carries of its earlier attempts: how many there were and the
+    seconds they ran (an attempt whose end was not recorded, its tunectl killed, counts without its seconds)."""
+    if not entry.get("started"):
+        return {}
+    ran = duration(_text(entry.get("started")), _text(entry.get("finished")), datetime.now(UTC))
+    earlier = (entry.get("earlier_seconds") or 0.0) + (ran if entry.get("finished") and ran else 0.0)
+    return {"attempts": (entry.get("attempts") or 1) + 1, **({"earlier_seconds": round(earlier, 1)} if earlier else {})}
+
+
 class LocalBackend(Backend):
     name = LOCAL
     runs_here = True
@@ -233,7 +243,8 @@ class LocalBackend(Backend):
             done = state.get(stage, {}).get("state") == StageState.SUCCEEDED
             if done and self.store.manifest(run, stage) is not None:
                 continue
-            state[stage] = {"state": str(StageState.RUNNING), "started": now(), "pid": os.getpid()}
+            state[stage] = {"state": str(StageState.RUNNING), "started": now(), "pid": os.getpid(),
+                            **_earlier_attempts(state.get(stage, {}))}  # fmt: skip
             self._save_state(run, state)
             try:
                 rc, error = self._run_stage(run, stage, echo)
@@ -352,6 +363,10 @@ class LocalBackend(Backend):
             started=_text(entry.get("started")),
             finished=_text(entry.get("finished")),
             exit_code=entry.get("exit_code") if isinstance(entry.get("exit_code"), int) else None,
+            attempts=entry.get("attempts") if isinstance(entry.get("attempts"), int) else None,
+            earlier_seconds=entry.get("earlier_seconds")
+            if isinstance(entry.get("earlier_seconds"), (int, float))
+            else None,
         )
         if s.state == StageState.RUNNING and not _alive(entry.get("pid")):
             s.state = StageState.INTERRUPTED

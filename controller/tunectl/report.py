@@ -89,11 +89,12 @@ def collect(status: RunStatus, store: Store, gpu_hour_price: float | None = None
         device = metrics.get("device")  # train and merge record theirs; gguf runs llama.cpp on CPUs
         gpus = (metrics.get("processes") or 1) if device and device != "cpu" else 0
         seconds = s.seconds or (m.get("timings") or {}).get("seconds")
-        if gpus and seconds:
-            gpu_seconds += seconds * gpus
+        if gpus and seconds:  # a stopped and resumed stage held its GPUs in every attempt
+            gpu_seconds += (seconds + (s.earlier_seconds or 0.0)) * gpus
         phases = (m.get("timings") or {}).get("phases") or s.phases or {}
         doc["stages"].append({"stage": s.stage, "state": str(s.state), "seconds": seconds, "phases": phases,
-                              "gpus": gpus, "notes": m.get("notes") or s.notes or [], "error": s.error})  # fmt: skip
+                              "gpus": gpus, "attempts": s.attempts or 1, "earlier_seconds": s.earlier_seconds,
+                              "notes": m.get("notes") or s.notes or [], "error": s.error})  # fmt: skip
     doc["gpu"] = {
         "device": tm.get("device"),
         "gpu_hours": round(gpu_seconds / 3600, 4),
@@ -295,7 +296,11 @@ def _stage_row(st: dict[str, Any]) -> list[str]:
     phases = ", ".join(f"{_e(k)} {v:g}s" for k, v in (st.get("phases") or {}).items())
     notes = "".join(f"<div class=note>{_e(n)}</div>" for n in [*st["notes"], *([st["error"]] if st["error"] else [])])
     state = f'<span class="badge {_e(st["state"])}">{_e(st["state"])}</span>'
-    return [f"<b>{_e(st['stage'])}</b>", state, _num(st["seconds"], 5), _e(st["gpus"]), phases + notes]
+    seconds = _num(st["seconds"], 5)
+    if st.get("attempts", 1) > 1:
+        earlier = f", {_num(st['earlier_seconds'], 4)} s before" if st.get("earlier_seconds") else ""
+        seconds += f"<div class=note>{_e(st['attempts'])} attempts{earlier}</div>"
+    return [f"<b>{_e(st['stage'])}</b>", state, seconds, _e(st["gpus"]), phases + notes]
 
 
 def render_html(doc: dict[str, Any]) -> str:

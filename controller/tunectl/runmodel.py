@@ -178,7 +178,8 @@ class StageStatus:
     finished: str | None = None
     seconds: float | None = None
     exit_code: int | None = None
-    attempts: int | None = None  # Kubernetes: pods started, when more than one
+    attempts: int | None = None  # when more than one: pods started (Kubernetes), starts of the stage (local)
+    earlier_seconds: float | None = None  # local: the earlier attempts' seconds (Kubernetes: in `seconds`)
     job: str | None = None  # Kubernetes: the stage's Job
     metrics: dict[str, Any] | None = None  # from the stage's manifest
     notes: list[str] | None = None  # from the stage's manifest: what was substituted on this machine

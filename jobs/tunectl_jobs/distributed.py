@@ -197,7 +197,8 @@ def launch(module: str, argv: list[str], run: str, nproc_per_node: int, nnodes: 
     print(f"torchrun: {nproc_per_node} processes x {nnodes} nodes (this is node {node_rank}), "
           f"rendezvous {endpoint}", flush=True)  # fmt: skip
     # What the agent itself is doing, should it be killed: the workers' own phases are in their rank files.
-    write_status({"stage": module.rsplit(".", 1)[-1], "phase": "distributed training"})
+    stage = module.rsplit(".", 1)[-1]
+    write_status({"stage": stage, "phase": "distributed training"})
     try:
         try:
             elastic_launch(config, sys.executable)("-u", "-m", module, *argv)
@@ -206,10 +207,10 @@ def launch(module: str, argv: list[str], run: str, nproc_per_node: int, nnodes: 
             failures = dict(e.failures)
         except RendezvousTimeoutError:
             minutes = JOIN_TIMEOUT_S // 60
-            return _fail(f"the training group did not form: {nnodes} nodes were expected at the rendezvous "
+            return _fail(stage, f"the training group did not form: {nnodes} nodes were expected at the rendezvous "
                          f"{endpoint} and not all came within {minutes} minutes", EXIT_FAILURE)  # fmt: skip
         except RendezvousError as e:  # its host went away, or was never reached
-            return _fail(f"lost the training group's rendezvous at {endpoint} ({_first_line(e)}): "
+            return _fail(stage, f"lost the training group's rendezvous at {endpoint} ({first_line(e)}): "
                          "the group is retried", EXIT_PEER_LOST)  # fmt: skip
         code = _report(failures, work / "status")
     finally:
@@ -250,14 +251,15 @@ def _report(failures: dict[int, Any], status_dir: Path) -> int:
     return int(code) if code else 1
 
 
-def _fail(message: str, code: int) -> int:
+def _fail(stage: str, message: str, code: int) -> int:
     _say(message)
-    write_status({"stage": "train", "phase": "rendezvous", "error": message})
+    write_status({"stage": stage, "phase": "rendezvous", "error": message})
     return code
 
 
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """An exception's first line, for a one-line error (its type's name when it has no text)."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]
 
 
 def _say(message: str) -> None:

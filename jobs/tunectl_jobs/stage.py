@@ -213,7 +213,7 @@ def run_stage(
         return fail("interrupted", 130)
     except Exception as e:
         if distributed.is_worker() and distributed.peer_lost(e):  # a peer's failure (or stop), not this process's
-            detail = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+            detail = distributed.first_line(e)
             return fail(f"lost a peer of the training group ({detail}): the group is retried", EXIT_PEER_LOST)
         raise
     finally:

@@ -191,6 +191,15 @@ def _optimizer(ctx: StageContext, cuda: bool) -> str:
     return optim
 
 
+def trained_tokens(history: list[dict[str, Any]], resumed_at: int) -> tuple[float, float] | None:
+    """(tokens of the whole run, tokens of this attempt) from TRL's `num_tokens` in the logged steps, or None when
+    the trainer logged no count. TRL counts every process's tokens from 0 in each trainer, so after a resume from
+    step N the restored history has the earlier attempts' count up to N, and the steps after N this attempt's."""
+    before = next((h["num_tokens"] for h in reversed(history) if h["step"] <= resumed_at and h.get("num_tokens")), 0)
+    now = next((h["num_tokens"] for h in reversed(history) if h["step"] > resumed_at and h.get("num_tokens")), None)
+    return None if now is None else (before + now, now)
+
+
 def _loss_plot(history: list[dict[str, Any]], evals: list[dict[str, Any]], path: Any, title: str) -> None:
     import matplotlib
 
@@ -514,14 +523,15 @@ def fine_tune(ctx: StageContext) -> None:
 
     ctx.inputs = {"model": r.model.name, "resolved_model": base, "data": r.data.source, "rows": loaded_rows,
                   **lineage}  # fmt: skip
-    # TRL counts the tokens it trains on (every process's); Unsloth's trainer logs no count, so there it is the rows
-    # trained times their mean length in the prepared data set (the same rows, as long on average).
-    tokens = next((h["num_tokens"] for h in reversed(history) if h.get("num_tokens")), None)
+    resumed_at = resume[1] if resume else 0
+    counted = trained_tokens(history, resumed_at)
+    tokens, tokens_now = counted or (None, None)
     tokens_basis = "counted"
-    if not tokens and len(trainer.train_dataset):
+    if counted is None and len(trainer.train_dataset):
+        # Unsloth's trainer logs no count: the rows trained times their mean length in the prepared data set.
         lengths = [len(ids) for ids in trainer.train_dataset["input_ids"]]
-        steps_run = int(result.global_step) - (resume[1] if resume else 0)
-        tokens = steps_run * r.training.effective_batch_size * sum(lengths) / len(lengths)
+        per_step = r.training.effective_batch_size * sum(lengths) / len(lengths)
+        tokens, tokens_now = int(result.global_step) * per_step, (int(result.global_step) - resumed_at) * per_step
         tokens_basis = "estimated: rows trained x their mean length"
     train_s = result.metrics.get("train_runtime", 0.0)
     ctx.metrics = {
@@ -534,8 +544,8 @@ def fine_tune(ctx: StageContext) -> None:
         "final_loss": history[-1]["loss"] if history else None,
         "train_seconds": round(result.metrics.get("train_runtime", 0.0), 3),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
-        "tokens_trained": int(tokens) if tokens else None,  # every process's, as TRL counts them
-        "tokens_per_s": round(tokens / train_s, 1) if tokens and train_s else None,
+        "tokens_trained": int(tokens) if tokens else None,  # every process's, every attempt's
+        "tokens_per_s": round(tokens_now / train_s, 1) if tokens_now and train_s else None,  # this attempt's
         "tokens_basis": tokens_basis,
         "model_shape": models.shape(model.config),
         "peak_gpu_mem_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
