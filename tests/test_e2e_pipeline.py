@@ -351,51 +351,12 @@ def test_pull_adapter_for_vllm_serves_on_its_base(finished_run):
     assert new[-1] == 2 and len(new) < 128, text
 
 
-@pytest.mark.parametrize("finished_run", ["dir"], indirect=True)  # the directory store's run is copied
-def test_a_gguf_whose_llama_cpp_crashes_fails_the_export_and_names_the_file(
-    finished_run, tmp_path, monkeypatch, capsys
-):
-    """The real gguf stage on a copy of the finished run, with a smoke-test child that segfaults on the q4_k_m
-    file (as llama.cpp did on an AMX CPU): that file is named with the signal, the other files are still tested
-    and answer, the stage exits 1, and no manifest is published (the export is not complete)."""
-    import shutil
-
-    from tunectl_jobs import gguf, llamarun
-
-    run = finished_run.run
-    src = Path(finished_run.store) / "runs" / run
-    store = tmp_path / "store"
-    shutil.copytree(src, store / "runs" / run, ignore=lambda d, names: ["gguf", ".scratch"] if d == str(src) else [])
-    crash = tmp_path / "crash_on_q4.py"
-    crash.write_text(
-        "import io, json, os, runpy, signal, sys\n"
-        "req = sys.stdin.read()\n"
-        "if json.loads(req)['gguf'].endswith('-q4_k_m.gguf'):\n"
-        "    os.kill(os.getpid(), signal.SIGSEGV)\n"
-        "sys.stdin, sys.argv = io.StringIO(req), ['llamarun', 'answer']\n"
-        f"runpy.run_path({llamarun.__file__!r}, run_name='__main__')\n"
-    )
-    monkeypatch.setattr(gguf, "SMOKE_COMMAND", [sys.executable, str(crash)])
-    rc = gguf.main(["--recipe", str(store / "runs" / run / "recipe.yaml"), "--store", str(store), "--run", run])
-    err = capsys.readouterr().err
-    assert rc == 1
-    assert (
-        "error: killed by SIGSEGV during 'smoke test' of ruozhiba-tiny-q4_k_m.gguf (llama.cpp crashed) "
-        "(q8_0, f16 answered): a GGUF that cannot be run is a failed export"
-    ) in err
-    assert not (store / "runs" / run / "gguf" / "manifest.json").exists()
-    smoke = json.loads((store / "runs" / run / ".scratch" / "gguf" / "smoke.json").read_text())
-    by_type = {s["type"]: s for s in smoke}
-    assert "error" in by_type["q4_k_m"]
-    for t in ("q8_0", "f16"):
-        assert by_type[t]["finish_reason"] == "stop" and by_type[t]["cpu_variant"] in llamarun.cpu_variants()
-
-
-@pytest.mark.parametrize("finished_run", ["dir"], indirect=True)
-@pytest.mark.parametrize("check", ["stop", "answer", "off"])
-def test_the_smoke_test_checks_what_export_smoke_test_asks(finished_run, tmp_path, capsys, check):
-    """The gguf stage again on a copy of the run, with a 2-token answer budget the model cannot stop within: `stop`
-    fails the export, `answer` accepts the cut answer and says so in the manifest, `off` runs no GGUF at all."""
+def _gguf_stage_again(
+    finished_run: Run, tmp_path: Path, export: dict | None = None, max_new_tokens: int | None = None
+) -> tuple[int, Path]:
+    """The real gguf stage run again on a copy of the finished run (its train and merge outputs, no gguf), with
+    `export` merged into the recipe's and the first test prompt's max_new_tokens set when given: its exit code and
+    the copy's run directory."""
     import shutil
 
     import yaml
@@ -407,13 +368,57 @@ def test_the_smoke_test_checks_what_export_smoke_test_asks(finished_run, tmp_pat
     store = tmp_path / "store"
     shutil.copytree(src, store / "runs" / run, ignore=lambda d, names: ["gguf", ".scratch"] if d == str(src) else [])
     recipe_file = store / "runs" / run / "recipe.yaml"
-    recipe = yaml.safe_load(recipe_file.read_text())
-    recipe["export"] |= {"gguf": ["q8_0"], "smoke_test": check}
-    recipe["test_prompts"][0]["max_new_tokens"] = 2
-    recipe_file.write_text(yaml.safe_dump(recipe, allow_unicode=True))
-    rc = gguf.main(["--recipe", str(recipe_file), "--store", str(store), "--run", run])
+    if export or max_new_tokens:
+        recipe = yaml.safe_load(recipe_file.read_text())
+        recipe["export"] |= export or {}
+        if max_new_tokens:
+            recipe["test_prompts"][0]["max_new_tokens"] = max_new_tokens
+        recipe_file.write_text(yaml.safe_dump(recipe, allow_unicode=True))
+    return gguf.main(["--recipe", str(recipe_file), "--store", str(store), "--run", run]), store / "runs" / run
+
+
+@pytest.mark.parametrize("finished_run", ["dir"], indirect=True)  # the directory store's run is copied
+def test_a_gguf_whose_llama_cpp_crashes_fails_the_export_and_names_the_file(
+    finished_run, tmp_path, monkeypatch, capsys
+):
+    """The real gguf stage on a copy of the finished run, with a smoke-test child that segfaults on the q4_k_m
+    file (as llama.cpp did on an AMX CPU): that file is named with the signal, the other files are still tested
+    and answer, the stage exits 1, and no manifest is published (the export is not complete)."""
+    from tunectl_jobs import gguf, llamarun
+
+    crash = tmp_path / "crash_on_q4.py"
+    crash.write_text(
+        "import io, json, os, runpy, signal, sys\n"
+        "req = sys.stdin.read()\n"
+        "if json.loads(req)['gguf'].endswith('-q4_k_m.gguf'):\n"
+        "    os.kill(os.getpid(), signal.SIGSEGV)\n"
+        "sys.stdin, sys.argv = io.StringIO(req), ['llamarun', 'answer']\n"
+        f"runpy.run_path({llamarun.__file__!r}, run_name='__main__')\n"
+    )
+    monkeypatch.setattr(gguf, "SMOKE_COMMAND", [sys.executable, str(crash)])
+    rc, run_dir = _gguf_stage_again(finished_run, tmp_path)
     err = capsys.readouterr().err
-    manifest = store / "runs" / run / "gguf" / "manifest.json"
+    assert rc == 1
+    assert (
+        "error: killed by SIGSEGV during 'smoke test' of ruozhiba-tiny-q4_k_m.gguf (llama.cpp crashed) "
+        "(q8_0, f16 answered): a GGUF that cannot be run is a failed export"
+    ) in err
+    assert not (run_dir / "gguf" / "manifest.json").exists()
+    smoke = json.loads((run_dir / ".scratch" / "gguf" / "smoke.json").read_text())
+    by_type = {s["type"]: s for s in smoke}
+    assert "error" in by_type["q4_k_m"]
+    for t in ("q8_0", "f16"):
+        assert by_type[t]["finish_reason"] == "stop" and by_type[t]["cpu_variant"] in llamarun.cpu_variants()
+
+
+@pytest.mark.parametrize("finished_run", ["dir"], indirect=True)
+@pytest.mark.parametrize("check", ["stop", "answer", "off"])
+def test_the_smoke_test_checks_what_export_smoke_test_asks(finished_run, tmp_path, capsys, check):
+    """The gguf stage again on a copy of the run, with a 2-token answer budget the model cannot stop within: `stop`
+    fails the export, `answer` accepts the cut answer and says so in the manifest, `off` runs no GGUF at all."""
+    rc, run_dir = _gguf_stage_again(finished_run, tmp_path, {"gguf": ["q8_0"], "smoke_test": check}, max_new_tokens=2)
+    err = capsys.readouterr().err
+    manifest = run_dir / "gguf" / "manifest.json"
     if check == "stop":
         assert rc == 1 and "GGUF q8_0 did not answer and stop at EOS within 2 tokens" in err
         assert not manifest.exists()
@@ -431,28 +436,15 @@ def test_the_smoke_test_checks_what_export_smoke_test_asks(finished_run, tmp_pat
 def test_an_export_further_from_f16_than_export_max_kld_fails_and_names_the_type(finished_run, tmp_path, capsys):
     """The gguf stage again on a copy of the run, asked for q4_k_m only with export.max_kld below what q4_k_m
     measures: the export fails in one line naming the type and its KL divergence, and publishes nothing."""
-    import shutil
-
-    import yaml
-
-    from tunectl_jobs import gguf
-
-    run = finished_run.run
-    src = Path(finished_run.store) / "runs" / run
-    store = tmp_path / "store"
-    shutil.copytree(src, store / "runs" / run, ignore=lambda d, names: ["gguf", ".scratch"] if d == str(src) else [])
-    recipe_file = store / "runs" / run / "recipe.yaml"
-    recipe = yaml.safe_load(recipe_file.read_text())
-    recipe["export"] |= {"gguf": ["q4_k_m"], "max_kld": 0.01}
-    recipe_file.write_text(yaml.safe_dump(recipe, allow_unicode=True))
-    assert gguf.main(["--recipe", str(recipe_file), "--store", str(store), "--run", run]) == 1
+    rc, run_dir = _gguf_stage_again(finished_run, tmp_path, {"gguf": ["q4_k_m"], "max_kld": 0.01})
+    assert rc == 1
     line = next(ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error: "))
     assert re.fullmatch(
         r"error: GGUF q4_k_m's mean KL divergence from f16 is 0\.0\d+, above export\.max_kld 0\.01 \(see \S+"
         r"fidelity\.json\): keep a higher-precision type",
         line,
     ), line
-    assert not (store / "runs" / run / "gguf" / "manifest.json").exists()
+    assert not (run_dir / "gguf" / "manifest.json").exists()
 
 
 def _submit_and_stop_in_training(env: dict[str, str], sets: list[str]) -> tuple[str, int, str]:
