@@ -132,12 +132,76 @@ def test_trl_turns_the_marks_into_labels_so_only_the_answers_train(tok, tmp_path
     with pytest.raises(TunectlError) as e:
         train.check_loss_tokens(trainer, "assistant", ds)
     assert str(e.value) == (
-        f"the trainer would put the loss on {total} of the {total} tokens of its first 1 rows, not on the {answers} "
-        "that data.train_on assistant marks: SFTTrainer does not keep TRL's masking"
+        f"the trainer would put the loss on {total - 1} tokens of its first 1 rows where data.train_on assistant "
+        f"marks {answers} (row 0 {total - 1} not {answers}): SFTTrainer does not keep TRL's masking"
     )
     trainer.train_dataset = trainer.train_dataset.remove_columns("labels")
     with pytest.raises(TunectlError, match="lost the marks of what trains: it would train on every token"):
         train.check_loss_tokens(trainer, "assistant", ds)
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded", "padding-free"])
+def test_the_loss_token_check_holds_for_padded_and_padding_free_batches_and_catches_moved_marks(
+    tok, tmp_path, padding_free
+):
+    """Unsloth turns TRL's padding-free batching on by itself on a GPU, where TRL's collator sets the label of every
+    row's first token to -100 (it would be predicted from the row before): the check compares the positions the loss
+    can reach, so padded and padding-free batches of the same rows pass with the same count, on conversations
+    (answers only) and on every token; a collator that drops the marks, moves them by one token, or leaves a row
+    start of a padding-free sequence on the loss fails, naming the rows."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from tunectl_jobs import chat, train
+    from tunectl_jobs.models import base_model_path
+
+    talks = [TALK, TALK[:2], [{"role": "user", "content": "天为什么是蓝的"}, {"role": "assistant", "content": "因为散射。"}]]
+    text = chat.template_for(RECIPE.data, tok, RECIPE.model.name)
+    model = AutoModelForCausalLM.from_pretrained(base_model_path(RECIPE.model.name))
+    counts = {}
+    for loss_on in ("assistant", "all"):
+        data = RECIPE.data.model_copy(update={"train_on": loss_on})
+        rows = datasets.Dataset.from_list([{"messages": t} for t in talks])
+        ds, _ = chat.tokenized_dataset(rows, data, tok, text, [2], 512)
+        args = SFTConfig(output_dir=str(tmp_path), max_length=None if padding_free else 512, report_to="none",
+                         use_cpu=True, max_steps=1, padding_free=padding_free)  # fmt: skip
+        trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ds, args=args)
+        batch = trainer.data_collator([trainer.train_dataset[i] for i in range(3)])
+        assert ("position_ids" in batch and batch["input_ids"].shape[0] == 1) == padding_free
+        lengths = [len(r["input_ids"]) for r in ds]
+        marked = sum(sum(m) for m in ds["assistant_masks"]) if loss_on == "assistant" else sum(lengths) - 3
+        counts[loss_on] = train.check_loss_tokens(trainer, loss_on, ds)
+        assert counts[loss_on] == {"loss_tokens_checked": marked, "tokens_checked": sum(lengths)}
+        collate = trainer.data_collator
+
+        def broken(how):
+            def collator(rows):
+                out = collate(rows)
+                labels = out["labels"]
+                if how == "drop":
+                    out["labels"] = out["input_ids"].clone()
+                elif how == "shift":  # the same count, one token later
+                    out["labels"] = torch.roll(labels, 1, dims=-1)
+                elif how == "row starts":
+                    out["labels"] = torch.where(out["position_ids"] == 0, out["input_ids"], labels)
+                return out
+
+            return collator
+
+        hows = ["drop", "shift"] if loss_on == "assistant" else ["row starts"] if padding_free else []
+        for how in hows:
+            trainer.data_collator = broken(how)
+            with pytest.raises(TunectlError) as e:
+                train.check_loss_tokens(trainer, loss_on, ds)
+            # a padding-free sequence's first token is shifted out: only the later rows' starts reach the loss
+            first = "row 1 " if how == "row starts" else "row 0 "
+            assert str(e.value).startswith("the trainer would put the loss on "), str(e.value)
+            assert f"marks {marked} ({first}" in str(e.value), (how, str(e.value))
+            assert str(e.value).endswith("SFTTrainer does not keep TRL's masking")
+        trainer.data_collator = collate
+    assert counts["assistant"]["loss_tokens_checked"] < counts["all"]["loss_tokens_checked"]
 
 
 def test_alpaca_rows_with_the_loss_on_the_response_train_only_the_response_and_eos(tmp_path):

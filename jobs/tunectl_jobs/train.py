@@ -247,36 +247,93 @@ def _ddp_args(cuda: bool) -> dict[str, Any]:
     return {"ddp_backend": "nccl" if cuda else "gloo", "ddp_find_unused_parameters": False, "use_cpu": not cuda}
 
 
+def _row_marks(row: dict[str, Any], loss_on: str) -> list[bool] | None:
+    """Which tokens of a prepared row the recipe puts the loss on: all of them, or those its marks name (TRL's
+    labels, assistant_masks or completion_mask); None where the row has lost its marks."""
+    n = len(row["input_ids"])
+    if loss_on != "assistant":
+        return [True] * n
+    if "labels" in row:
+        return [x != -100 for x in row["labels"]]
+    key = next((k for k in ("assistant_masks", "completion_mask") if k in row), None)
+    return None if key is None else [bool(m) for m in row[key]]
+
+
+def _row_starts(row: dict[str, Any]) -> set[int]:
+    """Where the sequences of a prepared row begin: its first token, and each packed sequence's (seq_lengths)."""
+    starts, at = {0}, 0
+    for length in row.get("seq_lengths") or []:
+        starts.add(at)
+        at += int(length)
+    return starts
+
+
+def _collated_loss(batch: dict[str, Any], lengths: list[int]) -> list[tuple[list[int], list[bool]]]:
+    """The token ids and the positions a causal LM's loss reaches, per row of the collator's input, from its output:
+    padded rows (one per input row, right or left padded: the attention mask says where) or one padding-free
+    sequence of the rows end to end (position_ids). A label is predicted from the token before it in the same
+    sequence, so the first position of every sequence never reaches the loss: the shift drops a padded row's first
+    label, and a padding-free sequence's row starts must be -100 or they would be predicted from the row before."""
+    ids, labels = batch["input_ids"].tolist(), batch["labels"].tolist()
+    if len(ids) < len(lengths) or ("position_ids" in batch and "attention_mask" not in batch):
+        flat_ids, flat_labels = ids[0], labels[0]
+        out, at = [], 0
+        for n in lengths:
+            out.append((flat_ids[at : at + n], [at + j > 0 and flat_labels[at + j] != -100 for j in range(n)]))
+            at += n
+        return out
+    mask = batch["attention_mask"].tolist() if "attention_mask" in batch else [[1] * len(r) for r in ids]
+    out = []
+    for row_ids, row_labels, row_mask, n in zip(ids, labels, mask, lengths, strict=True):
+        keep = [j for j, m in enumerate(row_mask) if m][:n]
+        out.append(([row_ids[j] for j in keep], [k > 0 and row_labels[j] != -100 for k, j in enumerate(keep)]))
+    return out
+
+
 def check_loss_tokens(trainer: Any, loss_on: str, source: Any = None, rows: int = 8) -> dict[str, int]:
-    """The tokens the trainer's own collator gives the loss in its first rows must be the ones the recipe asks for:
-    every token for `all`; for `assistant`, the answers marked in `source` (assistant_masks), which TRL turns into
-    the labels of its processed rows, or the response (completion_mask). This is what catches a trainer (Unsloth
-    patches TRL's) that drops the marks and trains on the prompts."""
+    """The tokens the trainer's own collator gives the loss in its first rows must be the ones the recipe asks for,
+    position by position: every token for `all`; for `assistant`, the answers marked in `source` (assistant_masks),
+    which TRL turns into the labels of its processed rows, or the response (completion_mask). Positions the loss can
+    never reach (the first of each sequence) are left out on both sides, so padded and padding-free or packed batches
+    (Unsloth turns padding-free on by itself on a GPU) give the same count. This is what catches a trainer (Unsloth
+    patches TRL's) that drops the marks and trains on the prompts, or moves them."""
     ds = trainer.train_dataset
     batch = [ds[i] for i in range(min(rows, len(ds)))]
     if not batch:
         return {}
-    got = int((trainer.data_collator(batch)["labels"] != -100).sum())
-    total = sum(len(row["input_ids"]) for row in batch)
-    want = total
-    if loss_on == "assistant":
-        key = next((k for k in ("labels", "assistant_masks", "completion_mask") if k in batch[0]), None)
-        if key is None:
+    name = type(trainer).__name__
+    lengths = [len(row["input_ids"]) for row in batch]
+    want: list[list[bool]] = []
+    for i, row in enumerate(batch):
+        marks = _row_marks(row, loss_on)
+        if marks is None:
             raise TunectlError("the trainer's data set lost the marks of what trains: it would train on every token")
-        want = sum(sum(x != -100 for x in row[key]) if key == "labels" else sum(row[key]) for row in batch)
-        if source is not None and "assistant_masks" in source.column_names:
-            marked = sum(sum(m) for m in source[: len(batch)]["assistant_masks"])
-            if marked != want:
-                raise TunectlError(
-                    f"the trainer's data set marks {want} tokens of its first {len(batch)} rows for the loss where "
-                    f"the conversations' assistant turns have {marked}: it changed the rows"
-                )
-    if got != want:
+        starts = _row_starts(row)
+        want.append([m and j not in starts for j, m in enumerate(marks)])
+    if loss_on == "assistant" and source is not None and "assistant_masks" in source.column_names:
+        marked = sum(sum(m) for m in source[: len(batch)]["assistant_masks"])
+        have = sum(sum(_row_marks(row, loss_on) or []) for row in batch)
+        if marked != have:
+            raise TunectlError(
+                f"the trainer's data set marks {have} tokens of its first {len(batch)} rows for the loss where "
+                f"the conversations' assistant turns have {marked}: it changed the rows"
+            )
+    got = _collated_loss(trainer.data_collator(batch), lengths)
+    differ = []
+    for i, (row, (ids, reached), wanted) in enumerate(zip(batch, got, want, strict=True)):
+        if ids != list(row["input_ids"]):
+            raise TunectlError(f"the trainer's collator changed the tokens of row {i} of its first {len(batch)}: "
+                               f"{name} does not keep the rows it is given")  # fmt: skip
+        if reached != wanted:
+            differ.append(f"row {i} {sum(reached)} not {sum(wanted)}")
+    total_got, total_want = sum(sum(r) for _, r in got), sum(sum(w) for w in want)
+    if differ:
         raise TunectlError(
-            f"the trainer would put the loss on {got} of the {total} tokens of its first {len(batch)} rows, not on "
-            f"the {want} that data.train_on {loss_on} marks: {type(trainer).__name__} does not keep TRL's masking"
+            f"the trainer would put the loss on {total_got} tokens of its first {len(batch)} rows where data.train_on "
+            f"{loss_on} marks {total_want} ({', '.join(differ[:4])}{', ...' if len(differ) > 4 else ''}): "
+            f"{name} does not keep TRL's masking"
         )
-    return {"loss_tokens_checked": got, "tokens_checked": total}
+    return {"loss_tokens_checked": total_got, "tokens_checked": sum(lengths)}
 
 
 def _stopped(signum: int, frame: Any) -> None:
@@ -448,7 +505,7 @@ def fine_tune(ctx: StageContext) -> None:
             eval_rows = evaluate.collated(trainer, trainer.train_dataset, "training", limit=256)
         else:
             eval_rows = None
-        loss_tokens = {} if t.packing else check_loss_tokens(trainer, r.data.loss_on, train_ds)
+        loss_tokens = check_loss_tokens(trainer, r.data.loss_on, train_ds)
         if loss_tokens:
             log.info(
                 "loss on %d of %d tokens in the first rows (data.train_on %s)",
