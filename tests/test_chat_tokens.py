@@ -157,7 +157,11 @@ def test_the_loss_token_check_holds_for_padded_and_padding_free_batches_and_catc
     from tunectl_jobs import chat, train
     from tunectl_jobs.models import base_model_path
 
-    talks = [TALK, TALK[:2], [{"role": "user", "content": "天为什么是蓝的"}, {"role": "assistant", "content": "因为散射。"}]]
+    talks = [
+        TALK,
+        TALK[:2],
+        [{"role": "user", "content": "天为什么是蓝的"}, {"role": "assistant", "content": "因为散射。"}],
+    ]
     text = chat.template_for(RECIPE.data, tok, RECIPE.model.name)
     model = AutoModelForCausalLM.from_pretrained(base_model_path(RECIPE.model.name))
     counts = {}
@@ -176,9 +180,9 @@ def test_the_loss_token_check_holds_for_padded_and_padding_free_batches_and_catc
         assert counts[loss_on] == {"loss_tokens_checked": marked, "tokens_checked": sum(lengths)}
         collate = trainer.data_collator
 
-        def broken(how):
-            def collator(rows):
-                out = collate(rows)
+        def broken(how, collate=collate):
+            def collator(batch_rows):
+                out = collate(batch_rows)
                 labels = out["labels"]
                 if how == "drop":
                     out["labels"] = out["input_ids"].clone()
@@ -202,6 +206,44 @@ def test_the_loss_token_check_holds_for_padded_and_padding_free_batches_and_catc
             assert str(e.value).endswith("SFTTrainer does not keep TRL's masking")
         trainer.data_collator = collate
     assert counts["assistant"]["loss_tokens_checked"] < counts["all"]["loss_tokens_checked"]
+
+
+def test_the_loss_token_check_reads_packed_rows_by_their_sequences(tok, tmp_path):
+    """training.packing: TRL packs the conversations best-fit into one row with their seq_lengths and masks each
+    sequence's first token; the check leaves those starts out (5 conversations of 42 tokens: 205 of 210 on every
+    token) and fails a collator that trains them."""
+    import datasets
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl import SFTConfig, SFTTrainer
+
+    from tunectl_jobs import chat, train
+    from tunectl_jobs.models import base_model_path
+
+    model = AutoModelForCausalLM.from_pretrained(base_model_path(RECIPE.model.name))
+    text = chat.template_for(RECIPE.data, tok, RECIPE.model.name)
+    for loss_on in ("assistant", "all"):
+        data = RECIPE.data.model_copy(update={"train_on": loss_on})
+        rows = datasets.Dataset.from_list([{"messages": TALK[:2]}] * 5)
+        ds, _ = chat.tokenized_dataset(rows, data, tok, text, [2], 512)
+        args = SFTConfig(output_dir=str(tmp_path), max_length=512, report_to="none", use_cpu=True, max_steps=1,
+                         packing=True)  # fmt: skip
+        trainer = SFTTrainer(model=model, processing_class=tok, train_dataset=ds, args=args)
+        assert len(trainer.train_dataset) == 1 and len(trainer.train_dataset[0]["seq_lengths"]) == 5
+        n = len(ds[0]["input_ids"])
+        want = 5 * sum(ds[0]["assistant_masks"]) if loss_on == "assistant" else 5 * (n - 1)
+        assert train.check_loss_tokens(trainer, loss_on, ds) == {"loss_tokens_checked": want, "tokens_checked": 5 * n}
+    collate = trainer.data_collator
+
+    def starts_trained(rows):
+        out = collate(rows)
+        out["labels"] = torch.where(out["position_ids"] == 0, out["input_ids"], out["labels"])
+        return out
+
+    trainer.data_collator = starts_trained
+    with pytest.raises(TunectlError, match=rf"on {want + 4} tokens of its first 1 rows where data.train_on all marks "
+                                           rf"{want} \(row 0 {want + 4} not {want}\)"):  # fmt: skip
+        train.check_loss_tokens(trainer, "all", ds)
 
 
 def test_alpaca_rows_with_the_loss_on_the_response_train_only_the_response_and_eos(tmp_path):

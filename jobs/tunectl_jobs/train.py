@@ -304,13 +304,15 @@ def check_loss_tokens(trainer: Any, loss_on: str, source: Any = None, rows: int 
     name = type(trainer).__name__
     lengths = [len(row["input_ids"]) for row in batch]
     want: list[list[bool]] = []
-    for i, row in enumerate(batch):
+    for row in batch:
         marks = _row_marks(row, loss_on)
         if marks is None:
             raise TunectlError("the trainer's data set lost the marks of what trains: it would train on every token")
         starts = _row_starts(row)
         want.append([m and j not in starts for j, m in enumerate(marks)])
-    if loss_on == "assistant" and source is not None and "assistant_masks" in source.column_names:
+    # Packed rows hold several conversations in another order (best-fit): only unpacked rows match the source's.
+    packed = any(row.get("seq_lengths") for row in batch)
+    if loss_on == "assistant" and not packed and source is not None and "assistant_masks" in source.column_names:
         marked = sum(sum(m) for m in source[: len(batch)]["assistant_masks"])
         have = sum(sum(_row_marks(row, loss_on) or []) for row in batch)
         if marked != have:
