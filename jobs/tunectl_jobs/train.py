@@ -303,18 +303,16 @@ def check_loss_tokens(trainer: Any, loss_on: str, source: Any = None, rows: int 
         return {}
     name = type(trainer).__name__
     lengths = [len(row["input_ids"]) for row in batch]
-    want: list[list[bool]] = []
-    for row in batch:
-        marks = _row_marks(row, loss_on)
-        if marks is None:
-            raise TunectlError("the trainer's data set lost the marks of what trains: it would train on every token")
-        starts = _row_starts(row)
-        want.append([m and j not in starts for j, m in enumerate(marks)])
+    marks = [_row_marks(row, loss_on) for row in batch]
+    if any(m is None for m in marks):
+        raise TunectlError("the trainer's data set lost the marks of what trains: it would train on every token")
+    want = [[m and j not in _row_starts(row) for j, m in enumerate(row_marks or [])]
+            for row, row_marks in zip(batch, marks, strict=True)]  # fmt: skip
     # Packed rows hold several conversations in another order (best-fit): only unpacked rows match the source's.
     packed = any(row.get("seq_lengths") for row in batch)
     if loss_on == "assistant" and not packed and source is not None and "assistant_masks" in source.column_names:
         marked = sum(sum(m) for m in source[: len(batch)]["assistant_masks"])
-        have = sum(sum(_row_marks(row, loss_on) or []) for row in batch)
+        have = sum(sum(m or []) for m in marks)
         if marked != have:
             raise TunectlError(
                 f"the trainer's data set marks {have} tokens of its first {len(batch)} rows for the loss where "
