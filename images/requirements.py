@@ -135,6 +135,10 @@ def read_lock() -> dict[str, str]:
     return out
 
 
+# Go modules of tests/cluster/tools/go.mod and the versions.env key that pins each.
+GO_PINS = {"k8s.io/kubernetes": "K8S_VERSION", "helm.sh/helm/v3": "HELM_VERSION", "sigs.k8s.io/kwok": "KWOK_VERSION"}
+
+
 def check() -> list[str]:
     """Where pyproject.toml, versions.env, constraints.txt and the Dockerfiles' ARG defaults disagree."""
     problems = []
@@ -164,6 +168,15 @@ def check() -> list[str]:
             if arg in env and default != env[arg]:
                 rel = dockerfile.relative_to(ROOT)
                 problems.append(f"{rel}: ARG {arg}={default}, but versions.env says {env[arg]}")
+    # The Go tools built from tests/cluster/tools (one module, one build): its requirements are versions.env's.
+    gomod = ROOT / "tests" / "cluster" / "tools" / "go.mod"
+    required = dict(re.findall(r"^\t(\S+) (v\S+)$", gomod.read_text(), re.M))
+    for module, key in GO_PINS.items():
+        if required.get(module) != env.get(key):
+            problems.append(
+                f"{gomod.relative_to(ROOT)} requires {module} {required.get(module)}, "
+                f"but versions.env says {key}={env.get(key)}"
+            )
     return problems
 
 

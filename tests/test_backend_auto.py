@@ -223,6 +223,7 @@ def test_without_a_kubeconfig_everything_is_local(tunectl_env, tmp_path):
             "state": "succeeded",
             "created": "2026-12-01T10:00:00+00:00",
             "backend": "local",
+            "store": (tmp_path / "store").as_uri(),  # where it was found (its record names none)
         }
     ]
     proc = cli(tunectl_env, "status", CLUSTER_RUN)

@@ -1,5 +1,5 @@
-"""The README's main job end to end: `tunectl submit ruozhiba-tiny` on the local backend, on CPU, offline,
-once with a directory as the store and once with a real MinIO.
+"""The README's main job end to end: `tunectl submit ruozhiba-tiny` on the local backend, on CPU, offline, with a
+real MinIO as the store; every reading test runs on it and on a directory store holding a copy of the run.
 
 Real training steps, a real merge, llama.cpp's own converter and quantizer; then the q4_k_m GGUF is pulled
 with `tunectl pull`, loaded here in llama.cpp independently of the pipeline's own smoke test, and must answer
@@ -42,24 +42,50 @@ class Run(NamedTuple):
     tmp: Path
 
 
-@pytest.fixture(scope="module", params=["dir", "minio"])
-def finished_run(request, tmp_path_factory):
-    base = tmp_path_factory.mktemp(f"e2e-{request.param}")
-    env = {**os.environ, "TUNECTL_S3_CACHE": str(base / "s3-cache")}
-    if request.param == "minio":
-        from conftest import new_bucket
+@pytest.fixture(scope="module")
+def run_on_minio(minio, tmp_path_factory) -> Run:
+    """The tiny recipe's pipeline, once for the module, with a real MinIO as the store: every stage fetches its
+    inputs from S3 and publishes its outputs there, the local backend keeps the run's state and logs there."""
+    from conftest import new_bucket
 
-        minio = request.getfixturevalue("minio")
-        env.update(minio.env())
-        store = f"s3://{new_bucket(minio, 'e2e')}/pipeline"
-    else:
-        store = str(base / "store")
-
+    base = tmp_path_factory.mktemp("e2e-minio")
+    env = {**os.environ, **minio.env(), "TUNECTL_S3_CACHE": str(base / "s3-cache")}
+    store = f"s3://{new_bucket(minio, 'e2e')}/pipeline"
     tunectl = cli_on_store(store, env)
-
     submit = tunectl("submit", "ruozhiba-tiny")
     run = re.search(r"^run (\S+): stages train -> merge -> gguf", submit.stderr, re.M).group(1)
     return Run(store, run, submit, tunectl, base)
+
+
+def _copy_to_a_directory_store(run: Run, minio, dest: Path) -> None:
+    """Every object of the run (its record, state, logs and stage outputs) under the same key in a directory store,
+    as the local backend would have written it there (the run-id claim marker aside: a directory store claims with
+    mkdir)."""
+    from tunectl.stores.s3 import CLAIM
+
+    bucket, prefix = run.store.removeprefix("s3://").split("/", 1)
+    client = minio.client()
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=f"{prefix}/runs/{run.run}/"):
+        for obj in page.get("Contents", []):
+            rel = obj["Key"].removeprefix(f"{prefix}/")
+            if rel.endswith(f"/{CLAIM}"):
+                continue
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            client.download_file(bucket, obj["Key"], str(dest / rel))
+
+
+@pytest.fixture(scope="module", params=["dir", "minio"])
+def finished_run(request, run_on_minio, minio, tmp_path_factory) -> Run:
+    """The finished run, read through each store. One training run serves both: the directory store gets a copy of
+    the MinIO run's objects (the README's default, a directory store, runs the whole pipeline in the stop-and-resume
+    tests below and in test_stage_exit)."""
+    if request.param == "minio":
+        return run_on_minio
+    base = tmp_path_factory.mktemp("e2e-dir")
+    store = base / "store"
+    _copy_to_a_directory_store(run_on_minio, minio, store)
+    tunectl = cli_on_store(str(store), {**os.environ, "TUNECTL_S3_CACHE": str(base / "s3-cache")})
+    return Run(str(store), run_on_minio.run, run_on_minio.submit, tunectl, base)
 
 
 def test_status_shows_every_stage_succeeded_with_timings(finished_run):

@@ -151,3 +151,19 @@ def test_early_checksums_serve_only_the_unchanged_file_they_read(tmp_path: Path)
     doc = store.publish("r1", "train", src, {}, digests=lambda p: planted if p.name == weights.name else None)
     assert doc["files"]["adapter/weights.bin"]["sha256"] == planted
     assert doc["files"]["loss.json"]["sha256"] == sha256_file(src / "loss.json")
+
+
+def test_a_run_copied_to_another_store_is_read_from_the_copy(tmp_path: Path):
+    """A local run copied to another store (`cp -r`, `aws s3 sync`) is read there: `status` and `report` on the copy
+    name the copy's store, not the one it was submitted to (which may be gone, or need other credentials)."""
+    import shutil
+
+    from tunectl.local import LocalBackend
+    from tunectl.recipe import load_recipe
+    from tunectl.stores import open_store
+
+    run = LocalBackend(open_store(str(tmp_path / "a"))).create(load_recipe("ruozhiba-tiny", ["export.gguf=[]"]))
+    shutil.copytree(tmp_path / "a" / "runs" / run, tmp_path / "b" / "runs" / run)
+    shutil.rmtree(tmp_path / "a")
+    copy = open_store(str(tmp_path / "b"))
+    assert LocalBackend(copy).status(run).store == copy.uri

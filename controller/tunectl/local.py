@@ -343,7 +343,7 @@ class LocalBackend(Backend):
             created=str(record.get("created", "?")),
             stages=stages,
             path=self.store.location(run),
-            store=record.get("store"),
+            store=self.store.uri,  # where this run is read from: a run copied to another store reads its copy
             tunectl=record.get("tunectl"),
         )
 
